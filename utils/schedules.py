@@ -1,0 +1,8 @@
+"""Ramp-up of the unsupervised weight (SPEC §B.0.2)."""
+
+
+def linear_rampup(current, rampup_length):
+    """``clip(current / length, 0, 1)``; 1 when the length is 0."""
+    if rampup_length == 0:
+        return 1.0
+    return min(max(current / rampup_length, 0.0), 1.0)

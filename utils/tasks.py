@@ -1,0 +1,232 @@
+"""What differs between the two tasks, gathered in one small object per dataset (DESIGN.md §3).
+
+A training script's ``train_step`` is written once; it asks the task for the supervised loss, the
+consistency loss, how a network output on view 2 becomes an imputed label (softmax for classes;
+shift-compensated normalised coordinates for landmarks, SPEC §B.0.5), and the task's defaults.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader
+
+from utils.errors import UserError
+from utils.interleave import interleaved_forward
+from utils.metrics import top1_accuracy
+
+
+@dataclass
+class Batch:
+    x_l: torch.Tensor                # labeled images
+    y_l: torch.Tensor                # their targets in loss space (one-hot / normalised coordinates)
+    u1: Optional[torch.Tensor] = None   # unlabeled images, view 1 (trained on); None for SL
+    u2: Optional[torch.Tensor] = None   # the same images, view 2 (labels imputed on it)
+    shift: Optional[tuple] = None    # AFLW view offsets (dx1, dy1, dx2, dy2)
+    x_m: Optional[torch.Tensor] = None  # L2I meta batch, drawn from the labeled set
+    y_m: Optional[torch.Tensor] = None
+
+
+def _sum_by_batch(model, loader, device, per_batch):
+    """Run ``model`` in eval mode over ``loader``; ``per_batch`` returns summed quantities of a batch."""
+    was_training = model.training
+    model.eval()
+    totals, count = None, 0
+    with torch.no_grad():
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            sums = per_batch(model(inputs), targets)
+            totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
+            count += len(inputs)
+    model.train(was_training)
+    return [t / count for t in totals]
+
+
+class Cifar10Task:
+    name = "cifar10"
+    metric = "acc"               # top-1 accuracy in percent
+    higher_is_better = True
+    columns = [("Train Loss", "train_loss"), ("Train Loss X", "train_loss_x"), ("Train Loss U", "train_loss_u"),
+               ("Valid Loss", "val_loss"), ("Valid Acc.", "val_acc"), ("Test Loss", "test_loss"),
+               ("Test Acc.", "test_acc")]
+    scalars = {"losses/train_loss": "train_loss", "losses/valid_loss": "val_loss", "losses/test_loss": "test_loss",
+               "accuracy/train_acc": "train_acc", "accuracy/val_acc": "val_acc", "accuracy/test_acc": "test_acc"}
+    train_stats_on_student = False   # "Train Stats" evaluate the reported model (SPEC §F.1)
+
+    def defaults(self, method):
+        lambda_u = {"SL": 0.0, "MM": 75.0}.get(method, 50.0)
+        rampup = {"SL": 0.0, "MM": 1024 / 64}.get(method, 0.4 * 1024)  # in epochs, SPEC §B.0.2
+        return dict(gpu="0", n_labeled=250, data_root="./data", epochs=1024, val_iteration=1024, batch_size=64,
+                    lr=0.002, ema_decay=0.999, ema_shrink=0.02, lambda_u=lambda_u, rampup_length=rampup,
+                    eval_model="ema", manualSeed=0, n_val=5000, workers=0)
+
+    def load(self, args):
+        from dataset.cifar10 import load_cifar10
+        self.data = load_cifar10(args.data_root, args.n_labeled, args.n_val)
+        return self.data
+
+    def to(self, device):
+        """Nothing to move: CIFAR-10 targets need no statistics."""
+
+    def build_model(self):
+        from models.wideresnet import WideResNet
+        return WideResNet(num_classes=10)
+
+    def make_optimizer(self, params, args):
+        return torch.optim.Adam(params, lr=args.lr)
+
+    def lr_at(self, epoch, args):
+        return args.lr  # constant (SPEC §C.1)
+
+    def ramp_progress(self, epoch, iteration, step, args):
+        return epoch + iteration / args.val_iteration  # fractional epochs
+
+    def train_loader(self, dataset, args):
+        if len(dataset) < args.batch_size:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(dataset)} images it is drawn "
+                            f"from; lower --batch-size or raise --n-labeled")
+        return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                          num_workers=args.workers)
+
+    def eval_loader(self, dataset, args):
+        return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+
+    def make_batch(self, labeled, unlabeled, meta, device):
+        x_l, y_l = labeled
+        batch = Batch(x_l=x_l.to(device), y_l=self.one_hot(y_l.to(device)))
+        if unlabeled is not None:
+            (u1, u2), _ = unlabeled
+            batch.u1, batch.u2 = u1.to(device), u2.to(device)
+        if meta is not None:
+            batch.x_m, batch.y_m = meta[0].to(device), self.one_hot(meta[1].to(device))
+        return batch
+
+    @staticmethod
+    def one_hot(labels):
+        return F.one_hot(labels, 10).float()
+
+    # --- the losses and label imputation every train_step uses ---
+    def supervised_loss(self, logits, targets):
+        """Soft cross-entropy averaged over the batch."""
+        return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+    def prediction(self, logits):
+        return torch.softmax(logits, dim=1)
+
+    def impute(self, logits_view2, batch):
+        """A network output on view 2 as a label for view 1: class probabilities."""
+        return torch.softmax(logits_view2, dim=1)
+
+    def consistency_loss(self, student_out, target):
+        return F.mse_loss(self.prediction(student_out), target)  # mean over B×10
+
+    def student_forward(self, model, x_l, u1):
+        """Labeled and view-1 outputs through the 2-way BN interleave (SPEC §B.0.3)."""
+        return interleaved_forward(model, [x_l, u1])
+
+    def evaluate(self, model, loader, device):
+        def per_batch(logits, labels):
+            n = len(labels)
+            return [F.cross_entropy(logits, labels) * n, torch.tensor(top1_accuracy(logits, labels) * n)]
+        loss, acc = _sum_by_batch(model, loader, device, per_batch)
+        return {"loss": loss.item(), "acc": acc.item()}
+
+
+class AflwTask:
+    name = "aflw"
+    metric = "me"                # mean error normalised by the inter-ocular distance (fraction)
+    higher_is_better = False
+    columns = [("Train Loss", "train_loss"), ("Train Loss X", "train_loss_x"), ("Train Loss U", "train_loss_u"),
+               ("Train ME", "train_me"), ("Train FR", "train_fr"), ("Valid Loss", "val_loss"),
+               ("Valid ME.", "val_me"), ("Valid FR", "val_fr"), ("Test Loss", "test_loss"),
+               ("Test ME.", "test_me"), ("Test FR", "test_fr")]
+    scalars = {"losses/train_loss": "train_loss", "losses/valid_loss": "val_loss", "losses/test_loss": "test_loss",
+               "accuracy/train_me": "train_me", "accuracy/val_me": "val_me", "accuracy/test_me": "test_me",
+               "accuracy/train_fr": "train_fr", "accuracy/val_fr": "val_fr", "accuracy/test_fr": "test_fr"}
+    train_stats_on_student = True    # SPEC §F.2: "Train Stats" always on the student
+    lr_decay_every = 100             # ×0.1 when (epoch + 1) is a multiple of 100 (SPEC §B.2)
+
+    def defaults(self, method):
+        return dict(gpu="0", n_labeled=-1.0 if method == "SL" else 0.01, data_root="./data/aflw_release-2",
+                    epochs=150, val_iteration=150, batch_size=128, lr=0.03, ema_decay=0.999, ema_shrink=0.0,
+                    lambda_u=0.0 if method == "SL" else 75.0, rampup_length=0.0 if method == "SL" else 9000.0,
+                    eval_model="student" if method in ("SL", "L2I-L") else "ema", manualSeed=0,
+                    workers=16 if method in ("PL", "MT") else 8)
+
+    def load(self, args):
+        from dataset.aflw import load_aflw
+        if args.n_val is not None:
+            raise UserError("--n-val applies to cifar10 only; AFLW holds out the last 10 % of its train list")
+        self.data = load_aflw(args.data_root, args.n_labeled)
+        return self.data
+
+    def to(self, device):
+        self.mean, self.std = self.data.target_mean.to(device), self.data.target_std.to(device)
+
+    def build_model(self):
+        from models.tcdcnn import TCDCNN
+        return TCDCNN()
+
+    def make_optimizer(self, params, args):
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+
+    def lr_at(self, epoch, args):
+        return args.lr * 0.1 ** ((epoch + 1) // self.lr_decay_every)
+
+    def ramp_progress(self, epoch, iteration, step, args):
+        return step  # global iterations, read before the step counter advances
+
+    def train_loader(self, dataset, args):
+        from dataset.aflw import RepeatPermutationSampler
+        sampler = RepeatPermutationSampler(len(dataset), args.val_iteration * args.batch_size)
+        return DataLoader(dataset, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
+                          num_workers=args.workers, persistent_workers=False)
+
+    def eval_loader(self, dataset, args):
+        return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+
+    def make_batch(self, labeled, unlabeled, meta, device):
+        from utils.landmarks import normalise
+        x_l, y_l = labeled
+        batch = Batch(x_l=x_l.to(device), y_l=normalise(y_l.to(device), self.mean, self.std))
+        if unlabeled is not None:
+            u1, dx1, dy1, u2, dx2, dy2 = unlabeled
+            batch.u1, batch.u2 = u1.to(device), u2.to(device)
+            batch.shift = tuple(d.to(device) for d in (dx1, dy1, dx2, dy2))
+        if meta is not None:
+            batch.x_m, batch.y_m = meta[0].to(device), normalise(meta[1].to(device), self.mean, self.std)
+        return batch
+
+    def supervised_loss(self, outputs, targets):
+        return F.mse_loss(outputs, targets)
+
+    def prediction(self, outputs):
+        return outputs
+
+    def impute(self, outputs_view2, batch):
+        """A view-2 prediction as a view-1 label: shift compensation S (SPEC §B.0.5), differentiable."""
+        from utils.landmarks import shift_compensate
+        return shift_compensate(outputs_view2, *batch.shift, self.mean, self.std)
+
+    def consistency_loss(self, student_out, target):
+        return F.mse_loss(student_out, target)
+
+    def student_forward(self, model, x_l, u1):
+        """TCDCNN has no batch-dependent layer: one forward over both (the authors' regression
+        interleave has no numerical effect, SPEC §B.0.3)."""
+        out = model(torch.cat([x_l, u1]))
+        return out[:len(x_l)], out[len(x_l):]
+
+    def evaluate(self, model, loader, device):
+        from utils.landmarks import denormalise, landmark_errors
+
+        def per_batch(outputs, targets):
+            pred = denormalise(outputs, self.mean, self.std)
+            err = landmark_errors(pred, targets)
+            n = len(targets)
+            return [F.mse_loss(pred, targets) * n, err.sum(), (err > 0.1).sum().float()]
+        loss, me, fr = _sum_by_batch(model, loader, device, per_batch)
+        return {"loss": loss.item(), "me": me.item(), "fr": fr.item()}
+
+
+TASKS = {"cifar10": Cifar10Task, "aflw": AflwTask}
