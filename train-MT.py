@@ -3,9 +3,8 @@
     python train-MT.py --gpu 0 --n-labeled 250  --out cifar10MT@250
     python train-MT.py --gpu 0 --n-labeled 0.01 --out aflwMT@0.01
 """
-import torch
-
 from utils.options import common_parser
+from utils.steps import consistency_update
 from utils.training import run_script
 
 METHOD = "MT"
@@ -16,23 +15,13 @@ def parse_args(argv=None):
 
 
 def train_step(run, batch):
-    task = run.task
-    # 1. Targets: the mean teacher's prediction on view 2, as a label for view 1 (no gradient).
-    with torch.no_grad():
-        target = task.impute(run.mean_teacher.model(batch.u2), batch)
-    # 2-3. Student on labeled images and view 1; supervised + ramped consistency loss.
-    out_l, out_u = task.student_forward(run.student, batch.x_l, batch.u1)
-    loss_x = task.supervised_loss(out_l, batch.y_l)
-    loss_u = task.consistency_loss(out_u, target)
-    loss = loss_x + run.unsup_weight() * loss_u
-    # 4. Optimizer step.
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
+    # 1-4. Consistency update: the mean teacher labels view 2; student on labeled images and view 1;
+    #      L_x + w·L_u; optimizer step (utils/steps.py).
+    losses = consistency_update(run, batch, labeler=run.mean_teacher.model)
     # 5-6. EMA-E (with the student shrink on CIFAR-10), then the teacher with β_t = min(1-1/(t+1), decay).
     run.ema_eval.update(run.student)
     run.mean_teacher.update(run.student, run.step)
-    return {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
+    return losses
 
 
 def main(argv=None):

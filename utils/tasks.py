@@ -27,6 +27,18 @@ class Batch:
     y_m: Optional[torch.Tensor] = None
 
 
+def meta_defaults(method, virtual_step, reduction, squash_o, ema_updates):
+    """The per-task differences of the L2I meta step (SPEC §B.3), as explicit defaults."""
+    if not method.startswith("L2I"):
+        return {}
+    defaults = dict(virtual_step=virtual_step[method], virtual_reduction=reduction,
+                    virtual_squash=squash_o if method == "L2I-O" else "none", ema_updates=ema_updates,
+                    meta_grad="exact")
+    if method == "L2I-L":
+        defaults["label_step"] = 1.0
+    return defaults
+
+
 def _sum_by_batch(model, loader, device, per_batch):
     """Run ``model`` in eval mode over ``loader``; ``per_batch`` returns summed quantities of a batch."""
     was_training = model.training
@@ -58,7 +70,9 @@ class Cifar10Task:
         rampup = {"SL": 0.0, "MM": 1024 / 64}.get(method, 0.4 * 1024)  # in epochs, SPEC §B.0.2
         return dict(gpu="0", n_labeled=250, data_root="./data", epochs=1024, val_iteration=1024, batch_size=64,
                     lr=0.002, ema_decay=0.999, ema_shrink=0.02, lambda_u=lambda_u, rampup_length=rampup,
-                    eval_model="ema", manualSeed=0, n_val=5000, workers=0)
+                    eval_model="ema", manualSeed=0, n_val=5000, workers=0,
+                    **meta_defaults(method, virtual_step={"L2I-O": 50.0, "L2I-L": 100.0}, reduction="sum",
+                                    squash_o="none", ema_updates=1))
 
     def load(self, args):
         from dataset.cifar10 import load_cifar10
@@ -151,7 +165,9 @@ class AflwTask:
                     epochs=150, val_iteration=150, batch_size=128, lr=0.03, ema_decay=0.999, ema_shrink=0.0,
                     lambda_u=0.0 if method == "SL" else 75.0, rampup_length=0.0 if method == "SL" else 9000.0,
                     eval_model="student" if method in ("SL", "L2I-L") else "ema", manualSeed=0,
-                    workers=16 if method in ("PL", "MT") else 8)
+                    workers=16 if method in ("PL", "MT") else 8,
+                    **meta_defaults(method, virtual_step={"L2I-O": 10.0, "L2I-L": 1.0}, reduction="mean",
+                                    squash_o="tanh", ema_updates=2))
 
     def load(self, args):
         from dataset.aflw import load_aflw

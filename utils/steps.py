@@ -1,0 +1,23 @@
+"""The consistency update shared by PL, MT and both L2I variants (they differ in who labels view 2)."""
+import torch
+
+
+def consistency_update(run, batch, labeler):
+    """One optimizer step on ``L_x + w·L_u`` (SPEC §B.1.1 steps 1-4, §B.2.2-§B.2.3 steps 1-3).
+
+    ``labeler`` (the mean teacher for MT and L2I, the student itself for PL) predicts view 2 without
+    gradient; the task turns that into a label for view 1 (softmax, or shift-compensated landmarks).
+    The student sees the labeled images and view 1 (through the BN interleave on CIFAR-10).
+    Returns the losses for logging: total, supervised and the unweighted consistency loss.
+    """
+    task = run.task
+    with torch.no_grad():
+        target = task.impute(labeler(batch.u2), batch)
+    out_l, out_u = task.student_forward(run.student, batch.x_l, batch.u1)
+    loss_x = task.supervised_loss(out_l, batch.y_l)
+    loss_u = task.consistency_loss(out_u, target)
+    loss = loss_x + run.unsup_weight() * loss_u
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
