@@ -1,0 +1,158 @@
+"""Time one real training iteration of every method on every task (DESIGN.md §8).
+
+    python -m utils.benchmark                       # all methods × tasks, paper batch sizes, this device
+    python -m utils.benchmark --methods MT L2I-O --tasks cifar10 --threads 2 --iters 10 --json bench.json
+
+Each configuration runs its script's own ``train_step`` on random inputs shaped like the task's
+batches (what the loaders would deliver). Configurations are timed in interleaved rounds — one
+iteration of each per round, after warm-up rounds — so every round's ratio to MT compares iterations
+taken under the same machine conditions; ``ratio_to_mt`` is the median of those per-round ratios.
+On CUDA the clock is read after ``torch.cuda.synchronize()``.
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from utils.options import finalize
+from utils.scripts import METHODS, load_script
+from utils.tasks import TASKS, Batch
+from utils.training import build_run
+
+SUPPORTED = {"MM": ("cifar10",)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per configuration (≥ 10 advised)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--batch-size", type=int, help="override the paper's batch size (64 CIFAR-10, 128 AFLW)")
+    p.add_argument("--meta-grad", nargs="+", default=["exact"], choices=("exact", "unroll"),
+                   help="L2I meta-gradient computations to time")
+    p.add_argument("--json", help="also write the table as JSON to this file")
+    return p.parse_args(argv)
+
+
+def make_config(method, task_name, device, script_argv):
+    module = load_script(method)
+    args = finalize(module.parse_args(["--dataset", task_name] + script_argv), method, TASKS, task_name)
+    task = TASKS[task_name]()
+    task.mean, task.std = torch.full((10,), 30.0, device=device), torch.full((10,), 8.0, device=device)
+    run = build_run(args, task, device)
+    return module.train_step, run
+
+
+def random_batch(run):
+    """A batch as the loaders deliver it, moved to the device (random values, real shapes and types)."""
+    n, device = run.args.batch_size, run.device
+    if run.task.name == "cifar10":
+        def images():
+            return torch.randn(n, 3, 32, 32, device=device)
+
+        def labels():
+            return F.one_hot(torch.randint(0, 10, (n,), device=device), 10).float()
+        return Batch(x_l=images(), y_l=labels(), u1=images(), u2=images(), x_m=images(), y_m=labels())
+
+    def images():
+        return torch.rand(n, 1, 60, 60, device=device)
+    shift = tuple(torch.randint(-4, 5, (n,), device=device) for _ in range(4))
+    return Batch(x_l=images(), y_l=torch.randn(n, 10, device=device), u1=images(), u2=images(), shift=shift,
+                 x_m=images(), y_m=torch.randn(n, 10, device=device))
+
+
+def timed_iteration(train_step, run, batch):
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    start = time.perf_counter()
+    train_step(run, batch)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    run.step += 1
+    return time.perf_counter() - start
+
+
+def configurations(opts):
+    for task in opts.tasks:
+        for method in opts.methods:
+            if task not in SUPPORTED.get(method, TASKS):
+                continue
+            grads = opts.meta_grad if method.startswith("L2I") else [None]
+            for grad in grads:
+                yield method, task, grad
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS so far (Linux: KiB)
+
+
+def benchmark(opts):
+    device = torch.device(opts.device)
+    script_argv = ["--gpu", "cpu" if device.type == "cpu" else str(device.index or 0)]
+    if opts.batch_size:
+        script_argv += ["--batch-size", str(opts.batch_size)]
+    configs = {}
+    for method, task, grad in configurations(opts):
+        extra = ["--meta-grad", grad] if grad else []
+        train_step, run = make_config(method, task, device, script_argv + extra)
+        configs[(method, task, grad)] = (train_step, run, random_batch(run))
+    times = {key: [] for key in configs}
+    peaks = {}
+    for round_index in range(opts.warmup + opts.iters):
+        for key, (train_step, run, batch) in configs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = timed_iteration(train_step, run, batch)
+            if round_index >= opts.warmup:
+                times[key].append(seconds)
+                peaks[key] = max(peaks.get(key, 0.0), peak_memory_mb(device))
+    return summarize(times, peaks)
+
+
+def summarize(times, peaks):
+    rows = []
+    for (method, task, grad), samples in times.items():
+        mt = times.get(("MT", task, None))
+        ratios = [a / b for a, b in zip(samples, mt)] if mt else []
+        rows.append({"method": method, "task": task, "flags": [f"meta-grad={grad}"] if grad else [],
+                     "median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+                     "peak_mem_mb": peaks[(method, task, grad)],
+                     "ratio_to_mt": statistics.median(ratios) if ratios else None})
+    return rows
+
+
+def print_table(rows, out=sys.stdout):
+    print("| method | task | flags | median s | min s | max s | peak MB | × MT |", file=out)
+    print("|---|---|---|---|---|---|---|---|", file=out)
+    for r in rows:
+        ratio = "–" if r["ratio_to_mt"] is None else f"{r['ratio_to_mt']:.2f}"
+        print(f"| {r['method']} | {r['task']} | {' '.join(r['flags'])} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
+              f"{r['max_s']:.3f} | {r['peak_mem_mb']:.0f} | {ratio} |", file=out)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(0)
+    rows = benchmark(opts)
+    print(f"device {opts.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{opts.iters} timed iterations after {opts.warmup} warm-up rounds")
+    print_table(rows)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
