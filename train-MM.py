@@ -15,8 +15,8 @@ METHOD = "MM"
 
 def parse_args(argv=None):
     parser = common_parser("MixMatch")
-    parser.add_argument("--alpha", type=float, default=0.75, help="Beta(alpha, alpha) of the mixing weight")
-    parser.add_argument("--T", type=float, default=0.5, help="sharpening temperature")
+    parser.add_argument("--alpha", type=float, help="Beta(alpha, alpha) of the mixing weight (default 0.75)")
+    parser.add_argument("--T", type=float, help="sharpening temperature (default 0.5)")
     return parser.parse_args(argv)
 
 

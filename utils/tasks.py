@@ -71,6 +71,7 @@ class Cifar10Task:
         return dict(gpu="0", n_labeled=250, data_root="./data", epochs=1024, val_iteration=1024, batch_size=64,
                     lr=0.002, ema_decay=0.999, ema_shrink=0.02, lambda_u=lambda_u, rampup_length=rampup,
                     eval_model="ema", manualSeed=0, n_val=5000, workers=0,
+                    **({"alpha": 0.75, "T": 0.5} if method == "MM" else {}),
                     **meta_defaults(method, virtual_step={"L2I-O": 50.0, "L2I-L": 100.0}, reduction="sum",
                                     squash_o="none", ema_updates=1))
 

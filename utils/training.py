@@ -207,6 +207,7 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
     else:
         restore_run(run, state)
         history, best, wall_time = state["history"], state["best"], state["wall_time"]
+        write_task_log(args.out, task, history)  # drop rows of an epoch the checkpoint does not hold
         if run.epoch >= args.epochs:
             raise UserError(f"{args.resume} has already trained {run.epoch} of --epochs {args.epochs}; "
                             f"pass a larger --epochs to continue it")
@@ -223,10 +224,11 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
             history.append(epoch_record)
             best, is_best = update_best(task, best, run.epoch, epoch_record)
             run.epoch += 1
-            save_checkpoint(run_state(run, history, best, wall_time + time.time() - started), args.out, is_best)
-            write_log(args.out, [name for name, _ in task.columns],
-                      [{name: row[key] for name, key in task.columns} for row in history])
+            # Logs first, checkpoint last: if the run dies in between, the resumed run redoes this epoch
+            # and its writer purges the stale events (purge_step), so nothing is lost or doubled.
+            write_task_log(args.out, task, history)
             log_scalars(writer, task, epoch_record, samples_per_epoch * run.epoch)
+            save_checkpoint(run_state(run, history, best, wall_time + time.time() - started), args.out, is_best)
             if args.no_progress:
                 print(epoch_line(task, run.epoch, args.epochs, epoch_record), flush=True)
     except KeyboardInterrupt:
@@ -301,6 +303,11 @@ def update_best(task, best, epoch, record):
     if best is None or (value > best["val"] if task.higher_is_better else value < best["val"]):
         return {"val": value, "epoch": epoch + 1, "test": record[f"test_{task.metric}"]}, True
     return best, False
+
+
+def write_task_log(folder, task, history):
+    write_log(folder, [name for name, _ in task.columns],
+              [{name: row[key] for name, key in task.columns} for row in history])
 
 
 def log_scalars(writer, task, record, step):

@@ -1,0 +1,26 @@
+"""Session-wide fixture datasets, written once in the real on-disk formats (DESIGN.md §7)."""
+import pytest
+
+from tests.aflw_fixture import make_aflw_release
+from tests.cifar_fixture import make_cifar10
+
+# Tiny CIFAR-10: 12 training and 4 test images per class (120 / 40 images).
+CIFAR_PER_CLASS_TRAIN = 12
+CIFAR_PER_CLASS_TEST = 4
+# Tiny AFLW release: 60 lines in the train list (54 training + 6 validation), 12 test images.
+AFLW_TRAIN_LINES = 60
+AFLW_TEST = 12
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory):
+    """A folder holding ``cifar-10-batches-py/`` (pass it as ``--data-root``)."""
+    root = tmp_path_factory.mktemp("cifar10-data")
+    return str(make_cifar10(root, per_class_train=CIFAR_PER_CLASS_TRAIN, per_class_test=CIFAR_PER_CLASS_TEST))
+
+
+@pytest.fixture(scope="session")
+def aflw_root(tmp_path_factory):
+    """The ``aflw_release-2`` folder itself (pass it as ``--data-root``)."""
+    root = tmp_path_factory.mktemp("aflw-data")
+    return str(make_aflw_release(root, n_train=AFLW_TRAIN_LINES, n_test=AFLW_TEST))
