@@ -313,8 +313,9 @@ def write_task_log(folder, task, history):
 def log_scalars(writer, task, record, step):
     for tag, key in task.scalars.items():
         writer.add_scalar(tag, record[key], step)
-    writer.add_scalar("losses/train_loss_x", record["train_loss_x"], step)
-    writer.add_scalar("losses/train_loss_u", record["train_loss_u"], step)
+    for key in record:
+        if key.startswith("train_loss_"):  # the parts of the training loss (x, u; L2I-L's refine)
+            writer.add_scalar(f"losses/{key}", record[key], step)
     writer.add_scalar("train/lr", record["lr"], step)
     writer.add_scalar("train/lambda_u", record["lambda_u"], step)
     for key, value in record.items():

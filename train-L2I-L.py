@@ -1,0 +1,63 @@
+"""L2I-L: Mean Teacher + imputed labels as Learnable tensors (SPEC §B.1.4 on CIFAR-10, §B.2.5 on AFLW).
+
+Each iteration first does an ordinary MT update. Then the current student's output on view 2 is taken
+as a free tensor of imputed labels r; a virtual gradient step of the student on the consistency loss
+V(o, r) gives weights θ', and the supervised loss of θ' on a labeled meta batch is differentiated back
+through the virtual step into r. One gradient step refines r, and the student takes a second optimizer
+step towards the refined labels.
+
+    python train-L2I-L.py --gpu 0 --n-labeled 250  --out cifar10L2IL@250
+    python train-L2I-L.py --gpu 0 --n-labeled 0.01 --out aflwL2IL@0.01
+"""
+import torch
+
+from utils.meta import add_meta_options, label_generator_output, meta_label_gradient, virtual_loss
+from utils.options import common_parser
+from utils.steps import consistency_update
+from utils.training import run_script
+
+METHOD = "L2I-L"
+
+
+def parse_args(argv=None):
+    parser = common_parser("L2I-L: learning to impute, labels as learnable tensors")
+    add_meta_options(parser, label_step=True)
+    return parser.parse_args(argv)
+
+
+def train_step(run, batch):
+    task, args = run.task, run.args
+    # 1-4. MT update: the mean teacher labels view 2; L_x + w·L_u; optimizer step #1 (utils/steps.py).
+    losses = consistency_update(run, batch, labeler=run.mean_teacher.model)
+    if args.ema_updates == 2:  # AFLW: EMA-E after each optimizer step (SPEC §B.2.5 step 4)
+        run.ema_eval.update(run.student)
+    run.optimizer.zero_grad(set_to_none=True)
+    # 5. Imputed labels r: the current student's output on view 2, detached (no path back to φ).
+    with torch.no_grad():
+        labels = label_generator_output(run.student, batch.u2)
+    # 6. The student on view 1: an extra, non-interleaved forward (SPEC §H.3 28).
+    student_out = run.student(batch.u1)
+    # 7-8. dM(θ')/dr with θ' = θ - η·∇θ V(o, r), η = virtual-step × current lr (utils/meta.py).
+    grad_labels = meta_label_gradient(
+        run.student, student_out, batch.u1, labels,
+        virtual_loss=lambda out, z: virtual_loss(task, batch, out, z, args.virtual_reduction, args.virtual_squash),
+        meta_inputs=batch.x_m, meta_targets=batch.y_m, meta_loss=task.supervised_loss,
+        virtual_step_size=args.virtual_step * run.lr, method=args.meta_grad)
+    # 9. One plain gradient step on the labels.
+    refined = labels - args.label_step * grad_labels
+    # 10-11. Refinement loss towards the refined labels (no λ, no ramp), optimizer step #2 (shared state).
+    loss_refine = task.consistency_loss(student_out, task.impute(refined, batch))
+    loss_refine.backward()
+    run.optimizer.step()
+    # 12. EMA-E (with the student shrink on CIFAR-10), then the mean teacher.
+    run.ema_eval.update(run.student)
+    run.mean_teacher.update(run.student, run.step)
+    return dict(losses, loss_refine=loss_refine.detach())
+
+
+def main(argv=None):
+    run_script(METHOD, parse_args, train_step, argv, meta_batches=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""L2I-O: Mean Teacher + imputed labels as the Output of a network (SPEC §B.1.3 on CIFAR-10, §B.2.4 on AFLW).
+
+Each iteration first does an ordinary MT update. Then the current student, used as a label generator
+on view 2, imputes labels z; a virtual gradient step of the student on the consistency loss V(o, z)
+gives weights θ'; the supervised loss of θ' on a labeled meta batch is differentiated back through
+the virtual step into z and on into the label generator's parameters, and that gradient is applied to
+the student as a second optimizer step. The student learns to impute labels that would help it most.
+
+    python train-L2I-O.py --gpu 0 --n-labeled 250  --out cifar10L2IO@250
+    python train-L2I-O.py --gpu 0 --n-labeled 0.01 --out aflwL2IO@0.01
+"""
+from utils.meta import add_meta_options, label_generator_output, meta_label_gradient, virtual_loss
+from utils.options import common_parser
+from utils.steps import consistency_update
+from utils.training import run_script
+
+METHOD = "L2I-O"
+
+
+def parse_args(argv=None):
+    parser = common_parser("L2I-O: learning to impute, labels as the output of a network")
+    add_meta_options(parser, label_step=False)
+    return parser.parse_args(argv)
+
+
+def train_step(run, batch):
+    task, args = run.task, run.args
+    # 1-4. MT update: the mean teacher labels view 2; L_x + w·L_u; optimizer step #1 (utils/steps.py).
+    losses = consistency_update(run, batch, labeler=run.mean_teacher.model)
+    if args.ema_updates == 2:  # AFLW: EMA-E after each optimizer step (SPEC §B.2.4 step 4)
+        run.ema_eval.update(run.student)
+    run.optimizer.zero_grad(set_to_none=True)
+    # 5-6. Label generator φ = the current student on view 2 (BN batch statistics, buffers untouched).
+    labels = label_generator_output(run.student, batch.u2)
+    # 7. The student on view 1: an extra, non-interleaved forward (SPEC §H.3 28).
+    student_out = run.student(batch.u1)
+    # 8-11. dM(θ')/dz with θ' = θ - η·∇θ V(o, z), η = virtual-step × current lr (utils/meta.py).
+    grad_labels = meta_label_gradient(
+        run.student, student_out, batch.u1, labels,
+        virtual_loss=lambda out, z: virtual_loss(task, batch, out, z, args.virtual_reduction, args.virtual_squash),
+        meta_inputs=batch.x_m, meta_targets=batch.y_m, meta_loss=task.supervised_loss,
+        virtual_step_size=args.virtual_step * run.lr, method=args.meta_grad)
+    # 12-13. Into the label generator's parameters (= the student's), then optimizer step #2 (shared state).
+    labels.backward(grad_labels)
+    run.optimizer.step()
+    # 14. EMA-E (with the student shrink on CIFAR-10), then the mean teacher.
+    run.ema_eval.update(run.student)
+    run.mean_teacher.update(run.student, run.step)
+    return losses
+
+
+def main(argv=None):
+    run_script(METHOD, parse_args, train_step, argv, meta_batches=True)
+
+
+if __name__ == "__main__":
+    main()

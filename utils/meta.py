@@ -1,0 +1,128 @@
+"""The L2I meta step: gradient of the meta loss at virtually updated weights w.r.t. the imputed labels.
+
+SPEC §A.1, §B.1.3/§B.1.4 (CIFAR), §B.2.4/§B.2.5 (AFLW), §B.3; DESIGN §3 "The meta step".
+Let o = f(u; θ) (student on the unlabeled view), z the imputed labels, V(o, z) the virtual loss,
+θ' = θ − η ∇θ V and M(θ') the supervised loss on the meta batch. Since ∇θ V = J_f(θ)ᵀ ∇ₒV(o, z)
+and only z carries the derivative we want (θ and o are constants here),
+    dM/dz = −η ⟨g, ∂/∂z J_fᵀ ∇ₒV(o, z)⟩ = −η ∂/∂z ⟨∇ₒV(o, z), t⟩,   g = ∇M(θ'),  t = J_f(θ) g.
+So one ordinary gradient at θ', one forward-mode JVP of f at θ and a tiny autograd in output space
+give the second-order quantity exactly ("exact"); "unroll" is the authors' create_graph route (the
+reference). Both run the model only through torch.func.functional_call with CLONED buffers, so the
+model's BN running statistics and .grad slots are never touched (SPEC §B.0.4, §E.3).
+"""
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call
+
+METHODS = ("exact", "unroll")
+
+
+def _zeros_for_unused(grads, like):
+    """autograd.grad(..., allow_unused=True) gives None for unused parameters (WRN's 4 dead BN
+    tensors, SPEC §E.1): their gradient is zero."""
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
+
+
+def _meta_loss_at(model, theta_prime, buffers, meta_inputs, meta_targets, meta_loss):
+    """M(θ') via the real module; cloned buffers so the meta forward has no side effect (§B.0.4)."""
+    cloned = {name: b.clone() for name, b in buffers.items()}
+    return meta_loss(functional_call(model, (theta_prime, cloned), (meta_inputs,)), meta_targets)
+
+
+def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, meta_inputs, meta_targets,
+                        meta_loss, virtual_step_size, method="exact"):
+    """d M(θ') / d labels, where θ' = θ - virtual_step_size * ∇θ virtual_loss(student_out, labels),
+    student_out = model(unlabeled) computed by the caller WITH graph on model's real parameters θ
+    (train mode; on `unlabeled` alone), labels = the imputed labels z (any tensor; treated as a
+    constant leaf here — the caller back-propagates the returned gradient further itself, e.g.
+    `z.backward(grad)` into a label generator for L2I-O, or a plain step `r - step*grad` for L2I-L),
+    M(θ') = meta_loss(functional forward of model at θ' on meta_inputs, meta_targets).
+    Returns a tensor shaped like `labels`.
+
+    method="exact" (default) and "unroll" give the same answer (see the module docstring); the
+    caller's graph behind `student_out` stays usable afterwards (it is retained, never freed).
+    "exact" re-runs `model` on `unlabeled` (the JVP), so the forward must be deterministic: no active
+    dropout (WRN-28-2 has rate 0, TCDCNN none) and the same train/eval mode as the caller's forward."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    # Trainable parameters are θ; anything else (buffers, frozen parameters) enters as a constant.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    constants = {n: b for n, b in model.named_buffers()}
+    constants.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
+    z_leaf = labels.detach().requires_grad_(True)
+
+    if method == "unroll":
+        # Authors' route (§B.1.3 steps 9-12): g_v with create_graph, θ' = stopgrad(θ) - η g_v,
+        # backward through the backward into z.
+        virtual = virtual_loss(student_out, z_leaf)
+        g_v = _zeros_for_unused(torch.autograd.grad(virtual, params, create_graph=True, allow_unused=True),
+                                params)
+        theta_prime = {n: p.detach() - virtual_step_size * g for n, p, g in zip(names, params, g_v)}
+        meta = _meta_loss_at(model, theta_prime, constants, meta_inputs, meta_targets, meta_loss)
+        # retain_graph: never free the caller's graph (the double-backward graph shares its nodes).
+        (grad,) = torch.autograd.grad(meta, z_leaf, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(labels) if grad is None else grad
+
+    # "exact" (DESIGN §3). 1) first-order virtual step; z is a constant here. retain_graph: the
+    # caller may back-propagate student_out again (L2I-L's refinement loss).
+    virtual = virtual_loss(student_out, labels.detach())
+    g_v = _zeros_for_unused(torch.autograd.grad(virtual, params, retain_graph=True, allow_unused=True), params)
+    theta_prime = {n: (p.detach() - virtual_step_size * g).requires_grad_(True)
+                   for n, p, g in zip(names, params, g_v)}
+    # 2) g = ∇M(θ'), an ordinary gradient.
+    meta = _meta_loss_at(model, theta_prime, constants, meta_inputs, meta_targets, meta_loss)
+    g = _zeros_for_unused(torch.autograd.grad(meta, list(theta_prime.values()), allow_unused=True),
+                          list(theta_prime.values()))
+    # 3) t = J_f(θ) g: one forward-mode JVP on `unlabeled` at θ, same mode as the caller's forward.
+    # forward_ad dual tensors rather than torch.func.jvp, which refuses BN's in-place buffer update.
+    with fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p.detach(), d) for n, p, d in zip(names, params, g)}
+        cloned = {n: b.clone() for n, b in constants.items()}
+        tangent = fwAD.unpack_dual(functional_call(model, (duals, cloned), (unlabeled,))).tangent
+    if tangent is None:  # the output does not depend on θ at all
+        return torch.zeros_like(labels)
+    # 4) output-space product: dM/dz = -η ∂/∂z <∇ₒV(o, z), t>, o = student_out held constant.
+    out_leaf = student_out.detach().requires_grad_(True)
+    (grad_out,) = torch.autograd.grad(virtual_loss(out_leaf, z_leaf), out_leaf, create_graph=True)
+    (grad,) = torch.autograd.grad((grad_out * tangent).sum(), z_leaf, allow_unused=True)
+    return torch.zeros_like(labels) if grad is None else -virtual_step_size * grad
+
+
+def virtual_loss(task, batch, student_out, labels, reduction, squash):
+    """The consistency loss of the virtual step, V(o, z) (SPEC §B.3).
+
+    ``reduction`` "sum" (CIFAR-10: SSE over B×10) or "mean" (AFLW); ``squash`` "tanh" (AFLW L2I-O) or
+    "none". The task turns z into a label for view 1 (softmax; shift compensation on AFLW).
+    """
+    prediction, target = task.prediction(student_out), task.impute(labels, batch)
+    if squash == "tanh":
+        prediction, target = torch.tanh(prediction), torch.tanh(target)
+    squared = (prediction - target) ** 2
+    return squared.sum() if reduction == "sum" else squared.mean()
+
+
+def label_generator_output(model, inputs):
+    """The label generator φ = the current student, run on ``inputs`` with graph to its parameters.
+
+    The authors use a copy of the student in train mode (CIFAR-10) or the student itself (AFLW); both
+    equal a functional forward with cloned buffers: BN uses this batch's statistics and the student's
+    running statistics stay untouched (SPEC §B.3 notes).
+    """
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    return functional_call(model, (dict(model.named_parameters()), buffers), (inputs,))
+
+
+def add_meta_options(parser, label_step):
+    """The L2I options; their per-task defaults (SPEC §B.3) come from ``utils.tasks``."""
+    group = parser.add_argument_group("L2I meta step (defaults per task, SPEC §B.3)")
+    group.add_argument("--virtual-step", type=float,
+                       help="virtual step size as a multiple of the current lr (CIFAR-10 50 / 100, AFLW 10 / 1)")
+    group.add_argument("--virtual-reduction", choices=("sum", "mean"), help="sum (CIFAR-10) or mean (AFLW)")
+    group.add_argument("--virtual-squash", choices=("none", "tanh"), help="tanh for AFLW L2I-O, else none")
+    group.add_argument("--ema-updates", type=int, choices=(1, 2),
+                       help="EMA-E updates per iteration: 1 (CIFAR-10), 2 = after each optimizer step (AFLW)")
+    group.add_argument("--meta-grad", choices=METHODS,
+                       help="exact first-order meta-gradient (default) or the authors' unrolled double backward")
+    if label_step:
+        group.add_argument("--label-step", type=float, help="gradient step on the imputed labels (1)")
