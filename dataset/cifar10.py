@@ -166,3 +166,45 @@ def load_cifar10(root, n_labeled, n_val):
                      val=CifarImages(train_x, train_y, split["validation"], views=0),
                      test=CifarImages(test_x, test_y, np.arange(len(test_y)), views=0),
                      split=split)
+
+
+def augment_batch(x, generator=None):
+    """``augment`` for a whole float batch B×3×32×32 on its device, from torch's RNG: reflect-pad 4,
+    per-image crop offsets uniform in 0…7, per-image flip with p = 0.5 (same distribution)."""
+    n, device = len(x), x.device
+    x = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    top = torch.randint(0, 8, (n,), device=device, generator=generator)
+    left = torch.randint(0, 8, (n,), device=device, generator=generator)
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    steps = torch.arange(32, device=device)
+    rows, cols = top[:, None] + steps, left[:, None] + steps
+    x = x[torch.arange(n, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # B×32×32×3
+    x = x.permute(0, 3, 1, 2)
+    return torch.where(flip[:, None, None, None], x.flip(3), x).contiguous()
+
+
+class DeviceBatches:
+    """``--data-on-device``: a drop-in for the training DataLoader over ``CifarImages`` that keeps the
+    uint8 images on the device and normalises and augments whole batches there (shuffled, drop-last).
+    Yields what the DataLoader would: ``(x, labels)`` or ``((view1, view2), labels)``."""
+
+    def __init__(self, dataset, batch_size, device):
+        subset = dataset.images[dataset.indices]
+        self.images = torch.from_numpy(subset).to(device)  # N×32×32×3 uint8
+        self.labels = torch.from_numpy(dataset.labels[dataset.indices]).long().to(device)
+        self.mean = torch.from_numpy(MEAN * 255).to(device)
+        self.inv_std = torch.from_numpy(1.0 / (255 * STD)).to(device)
+        self.batch_size, self.views = batch_size, dataset.views
+
+    def __len__(self):
+        return len(self.images) // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.images)).to(self.images.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = ((self.images[idx].float() - self.mean) * self.inv_std).permute(0, 3, 1, 2)
+            if self.views == 2:
+                yield (augment_batch(x), augment_batch(x)), self.labels[idx]
+            else:
+                yield augment_batch(x), self.labels[idx]

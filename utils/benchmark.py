@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from utils.options import finalize
+from utils.options import SPEED_FLAGS, finalize
 from utils.scripts import METHODS, load_script
 from utils.tasks import TASKS, Batch
 from utils.training import build_run
@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="override the paper's batch size (64 CIFAR-10, 128 AFLW)")
     p.add_argument("--meta-grad", nargs="+", default=["exact"], choices=("exact", "unroll"),
                    help="L2I meta-gradient computations to time")
+    p.add_argument("--amp", action="store_true", help="time with the scripts' --amp (bf16 autocast)")
+    p.add_argument("--channels-last", action="store_true", help="time with --channels-last")
+    p.add_argument("--compile", action="store_true", help="time with --compile (torch.compile)")
     p.add_argument("--json", help="also write the table as JSON to this file")
     return p.parse_args(argv)
 
@@ -73,7 +76,8 @@ def timed_iteration(train_step, run, batch):
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     start = time.perf_counter()
-    train_step(run, batch)
+    with run.autocast():  # as utils.training runs it
+        train_step(run, batch)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     run.step += 1
@@ -101,6 +105,8 @@ def benchmark(opts):
     script_argv = ["--gpu", "cpu" if device.type == "cpu" else str(device.index or 0)]
     if opts.batch_size:
         script_argv += ["--batch-size", str(opts.batch_size)]
+    speed_flags = [f"--{f.replace('_', '-')}" for f in SPEED_FLAGS if getattr(opts, f, False)]
+    script_argv += speed_flags
     configs = {}
     for method, task, grad in configurations(opts):
         extra = ["--meta-grad", grad] if grad else []
@@ -116,15 +122,16 @@ def benchmark(opts):
             if round_index >= opts.warmup:
                 times[key].append(seconds)
                 peaks[key] = max(peaks.get(key, 0.0), peak_memory_mb(device))
-    return summarize(times, peaks)
+    return summarize(times, peaks, [f.lstrip("-") for f in speed_flags])
 
 
-def summarize(times, peaks):
+def summarize(times, peaks, speed_flags):
     rows = []
     for (method, task, grad), samples in times.items():
         mt = times.get(("MT", task, None))
         ratios = [a / b for a, b in zip(samples, mt)] if mt else []
-        rows.append({"method": method, "task": task, "flags": [f"meta-grad={grad}"] if grad else [],
+        flags = speed_flags + ([f"meta-grad={grad}"] if grad else [])
+        rows.append({"method": method, "task": task, "flags": flags,
                      "median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
                      "peak_mem_mb": peaks[(method, task, grad)],
                      "ratio_to_mt": statistics.median(ratios) if ratios else None})

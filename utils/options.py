@@ -12,6 +12,8 @@ from utils.errors import UserError
 DATASETS = ("cifar10", "aflw")
 # Options that may differ when a run is resumed; all others must match the run's own.
 RESUME_OVERRIDES = ("epochs", "gpu", "workers", "no_progress", "resume", "out")
+FLAGS = ("no_progress", "amp", "channels_last", "compile", "data_on_device")  # on/off options
+SPEED_FLAGS = ("amp", "channels_last", "compile", "data_on_device")
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,6 +46,12 @@ def common_parser(description):
     p.add_argument("--workers", type=int, help="data-loader worker processes")
     p.add_argument("--no-progress", action="store_true", default=None,
                    help="one plain line per epoch instead of a progress bar")
+    speed = p.add_argument_group("speed (opt-in; the default is the faithful fp32 path)")
+    speed.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CPU and CUDA)")
+    speed.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
+    speed.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
+    speed.add_argument("--data-on-device", action="store_true", default=None,
+                       help="cifar10: keep the uint8 images on the device and augment whole batches there")
     return p
 
 
@@ -74,7 +82,8 @@ def finalize(args, method, tasks, default_dataset):
             setattr(args, key, value)
     args.dataset = dataset
     args.method = method
-    args.no_progress = bool(args.no_progress)
+    for flag in FLAGS:
+        setattr(args, flag, bool(getattr(args, flag)))
     if args.out is None:
         args.out = f"{dataset}{method.replace('-', '')}@{args.n_labeled:g}"
     args.given = sorted(given)

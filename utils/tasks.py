@@ -47,7 +47,7 @@ def _sum_by_batch(model, loader, device, per_batch):
     with torch.no_grad():
         for inputs, targets in loader:
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            sums = per_batch(model(inputs), targets)
+            sums = per_batch(model(inputs).float(), targets)  # fp32 metrics also under --amp
             totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
             count += len(inputs)
     model.train(was_training)
@@ -81,7 +81,7 @@ class Cifar10Task:
         return self.data
 
     def to(self, device):
-        """Nothing to move: CIFAR-10 targets need no statistics."""
+        self.device = device  # where --data-on-device keeps the images
 
     def build_model(self):
         from models.wideresnet import WideResNet
@@ -100,6 +100,9 @@ class Cifar10Task:
         if len(dataset) < args.batch_size:
             raise UserError(f"--batch-size {args.batch_size} is larger than the {len(dataset)} images it is drawn "
                             f"from; lower --batch-size or raise --n-labeled")
+        if args.data_on_device:
+            from dataset.cifar10 import DeviceBatches
+            return DeviceBatches(dataset, args.batch_size, self.device)
         return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                           num_workers=args.workers)
 
@@ -172,6 +175,8 @@ class AflwTask:
 
     def load(self, args):
         from dataset.aflw import load_aflw
+        if args.data_on_device:
+            raise UserError("--data-on-device is for cifar10; AFLW's per-sample work is already a cached slice")
         if args.n_val is not None:
             raise UserError("--n-val applies to cifar10 only; AFLW holds out the last 10 % of its train list")
         self.data = load_aflw(args.data_root, args.n_labeled)

@@ -44,6 +44,10 @@ class Run:
     iteration: int = 0   # 0-based iteration inside the epoch
     step: int = 0        # global iteration counter t (SPEC §0.3), advanced after each train_step
 
+    def autocast(self):
+        """bf16 autocast with ``--amp``; a no-op context otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp)
+
     @property
     def lr(self):
         return self.optimizer.param_groups[0]["lr"]
@@ -155,10 +159,19 @@ def options_record(args):
 def build_run(args, task, device):
     student = task.build_model().to(device)
     student.train()
-    return Run(args=args, task=task, device=device, student=student,
-               ema_eval=EvalEMA(student, args.ema_decay, args.ema_shrink * args.lr),
-               mean_teacher=MeanTeacher(student, args.ema_decay),
-               optimizer=task.make_optimizer(student.parameters(), args))
+    if args.channels_last:  # convolutions then keep activations channels-last too
+        student.to(memory_format=torch.channels_last)
+    run = Run(args=args, task=task, device=device, student=student,
+              ema_eval=EvalEMA(student, args.ema_decay, args.ema_shrink * args.lr),
+              mean_teacher=MeanTeacher(student, args.ema_decay),
+              optimizer=task.make_optimizer(student.parameters(), args))
+    if args.compile:  # in place, so parameter names and state dicts stay those of the plain model
+        # The L2I meta step back-propagates the student's view-1 graph twice (retain_graph), which
+        # compiled backwards only allow without buffer donation.
+        torch._functorch.config.donated_buffer = False
+        for model in (run.student, run.ema_eval.model, run.mean_teacher.model):
+            model.compile()
+    return run
 
 
 def run_state(run, history, best, wall_time):
@@ -255,13 +268,15 @@ def train_and_evaluate_epoch(run, loaders, eval_loaders, train_step):
     reported, other = ((run.ema_eval.model, run.student) if args.eval_model == "ema"
                        else (run.student, run.ema_eval.model))
     record = {f"train_{k}": v for k, v in losses.items()}
-    train_stats = task.evaluate(run.student if task.train_stats_on_student else reported,
-                                loaders["labeled"], run.device)
-    record.update({f"train_{k}": v for k, v in train_stats.items() if k != "loss"})
-    for split, loader in eval_loaders.items():
-        record.update({f"{split}_{k}": v for k, v in task.evaluate(reported, loader, run.device).items()})
-        if task.train_stats_on_student:  # AFLW: also log the model the script does not report (SPEC §H.2 20)
-            record.update({f"other_{split}_{k}": v for k, v in task.evaluate(other, loader, run.device).items()})
+    with run.autocast():
+        train_stats = task.evaluate(run.student if task.train_stats_on_student else reported,
+                                    loaders["labeled"], run.device)
+        record.update({f"train_{k}": v for k, v in train_stats.items() if k != "loss"})
+        for split, loader in eval_loaders.items():
+            record.update({f"{split}_{k}": v for k, v in task.evaluate(reported, loader, run.device).items()})
+            if task.train_stats_on_student:  # AFLW: also log the model not reported (SPEC §H.2 20)
+                record.update({f"other_{split}_{k}": v
+                               for k, v in task.evaluate(other, loader, run.device).items()})
     record.update(lr=run.lr, lambda_u=run.unsup_weight(), epoch=run.epoch + 1)
     return record
 
@@ -278,7 +293,8 @@ def train_epoch(run, loaders, train_step):
                                     for name in ("labeled", "unlabeled", "meta"))
         batch = run.task.make_batch(labeled, unlabeled, meta, run.device)
         loaded = time.perf_counter()
-        losses = {k: float(v) for k, v in train_step(run, batch).items()}
+        with run.autocast():
+            losses = {k: float(v) for k, v in train_step(run, batch).items()}
         if not math.isfinite(losses["loss"]):
             raise NonFiniteLoss(f"the training loss became {losses['loss']} in epoch {run.epoch + 1}, "
                                 f"iteration {run.iteration + 1}")
