@@ -308,6 +308,9 @@ def train_epoch(run, loaders, train_step):
                       + " | ".join(f"{k}: {v / n:.4f}" for k, v in sums.items())
                       + f" | W: {run.unsup_weight():.3f}")
     progress.finish()
+    if run.args.no_progress:
+        print(f"epoch {run.epoch + 1}: {step_time / n:.3f} s per iteration, of which data loading "
+              f"{data_time / n:.3f} s ({100 * data_time / step_time:.1f} %)", flush=True)
     return {k: v / run.args.val_iteration for k, v in sums.items()}
 
 
