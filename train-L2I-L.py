@@ -11,7 +11,7 @@ step towards the refined labels.
 """
 import torch
 
-from utils.meta import add_meta_options, label_generator_output, meta_label_gradient, virtual_loss
+from utils.meta import add_meta_options, imputed_label_gradient, label_generator_output
 from utils.options import common_parser
 from utils.steps import consistency_update
 from utils.training import run_script
@@ -38,11 +38,7 @@ def train_step(run, batch):
     # 6. The student on view 1: an extra, non-interleaved forward (SPEC §H.3 28).
     student_out = run.student(batch.u1)
     # 7-8. dM(θ')/dr with θ' = θ - η·∇θ V(o, r), η = virtual-step × current lr (utils/meta.py).
-    grad_labels = meta_label_gradient(
-        run.student, student_out, batch.u1, labels,
-        virtual_loss=lambda out, z: virtual_loss(task, batch, out, z, args.virtual_reduction, args.virtual_squash),
-        meta_inputs=batch.x_m, meta_targets=batch.y_m, meta_loss=task.supervised_loss,
-        virtual_step_size=args.virtual_step * run.lr, method=args.meta_grad)
+    grad_labels = imputed_label_gradient(run, batch, student_out, labels)
     # 9. One plain gradient step on the labels.
     refined = labels - args.label_step * grad_labels
     # 10-11. Refinement loss towards the refined labels (no λ, no ramp), optimizer step #2 (shared state).

@@ -9,7 +9,7 @@ the student as a second optimizer step. The student learns to impute labels that
     python train-L2I-O.py --gpu 0 --n-labeled 250  --out cifar10L2IO@250
     python train-L2I-O.py --gpu 0 --n-labeled 0.01 --out aflwL2IO@0.01
 """
-from utils.meta import add_meta_options, label_generator_output, meta_label_gradient, virtual_loss
+from utils.meta import add_meta_options, imputed_label_gradient, label_generator_output
 from utils.options import common_parser
 from utils.steps import consistency_update
 from utils.training import run_script
@@ -24,7 +24,7 @@ def parse_args(argv=None):
 
 
 def train_step(run, batch):
-    task, args = run.task, run.args
+    args = run.args
     # 1-4. MT update: the mean teacher labels view 2; L_x + w·L_u; optimizer step #1 (utils/steps.py).
     losses = consistency_update(run, batch, labeler=run.mean_teacher.model)
     if args.ema_updates == 2:  # AFLW: EMA-E after each optimizer step (SPEC §B.2.4 step 4)
@@ -35,11 +35,7 @@ def train_step(run, batch):
     # 7. The student on view 1: an extra, non-interleaved forward (SPEC §H.3 28).
     student_out = run.student(batch.u1)
     # 8-11. dM(θ')/dz with θ' = θ - η·∇θ V(o, z), η = virtual-step × current lr (utils/meta.py).
-    grad_labels = meta_label_gradient(
-        run.student, student_out, batch.u1, labels,
-        virtual_loss=lambda out, z: virtual_loss(task, batch, out, z, args.virtual_reduction, args.virtual_squash),
-        meta_inputs=batch.x_m, meta_targets=batch.y_m, meta_loss=task.supervised_loss,
-        virtual_step_size=args.virtual_step * run.lr, method=args.meta_grad)
+    grad_labels = imputed_label_gradient(run, batch, student_out, labels)
     # 12-13. Into the label generator's parameters (= the student's), then optimizer step #2 (shared state).
     labels.backward(grad_labels)
     run.optimizer.step()

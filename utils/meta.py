@@ -126,3 +126,14 @@ def add_meta_options(parser, label_step):
                        help="exact first-order meta-gradient (default) or the authors' unrolled double backward")
     if label_step:
         group.add_argument("--label-step", type=float, help="gradient step on the imputed labels (1)")
+
+
+def imputed_label_gradient(run, batch, student_out, labels):
+    """``meta_label_gradient`` with this run's L2I options (SPEC §B.3): the virtual step of size
+    ``virtual_step × current lr`` on V(o, z) over view 1, and the task's supervised loss on the meta batch."""
+    task, args = run.task, run.args
+    return meta_label_gradient(
+        run.student, student_out, batch.u1, labels,
+        virtual_loss=lambda out, z: virtual_loss(task, batch, out, z, args.virtual_reduction, args.virtual_squash),
+        meta_inputs=batch.x_m, meta_targets=batch.y_m, meta_loss=task.supervised_loss,
+        virtual_step_size=args.virtual_step * run.lr, method=args.meta_grad)
