@@ -138,7 +138,8 @@ def summarize(times, peaks, speed_flags):
     return rows
 
 
-def print_table(rows, out=sys.stdout):
+def print_table(rows, out=None):
+    out = out or sys.stdout  # looked up now, so redirection of stdout is honoured
     print("| method | task | flags | median s | min s | max s | peak MB | × MT |", file=out)
     print("|---|---|---|---|---|---|---|---|", file=out)
     for r in rows:

@@ -126,14 +126,14 @@ class Cifar10Task:
     # --- the losses and label imputation every train_step uses ---
     def supervised_loss(self, logits, targets):
         """Soft cross-entropy averaged over the batch."""
-        return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
     def prediction(self, logits):
-        return torch.softmax(logits, dim=1)
+        return torch.softmax(logits.float(), dim=1)  # .float(): fp32 probabilities also under --amp
 
     def impute(self, logits_view2, batch):
         """A network output on view 2 as a label for view 1: class probabilities."""
-        return torch.softmax(logits_view2, dim=1)
+        return torch.softmax(logits_view2.float(), dim=1)
 
     def consistency_loss(self, student_out, target):
         return F.mse_loss(self.prediction(student_out), target)  # mean over B×10
@@ -220,7 +220,7 @@ class AflwTask:
         return batch
 
     def supervised_loss(self, outputs, targets):
-        return F.mse_loss(outputs, targets)
+        return F.mse_loss(outputs.float(), targets)
 
     def prediction(self, outputs):
         return outputs
@@ -231,7 +231,7 @@ class AflwTask:
         return shift_compensate(outputs_view2, *batch.shift, self.mean, self.std)
 
     def consistency_loss(self, student_out, target):
-        return F.mse_loss(student_out, target)
+        return F.mse_loss(student_out.float(), target)
 
     def student_forward(self, model, x_l, u1):
         """TCDCNN has no batch-dependent layer: one forward over both (the authors' regression
