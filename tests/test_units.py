@@ -19,7 +19,7 @@ from utils.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
 from utils.ema import EvalEMA
 from utils.errors import UserError
 from utils.interleave import interleave, interleave_offsets, interleaved_forward
-from utils.options import finalize, infer_dataset
+from utils.options import SPEED_FLAGS, finalize, infer_dataset
 from utils.schedules import linear_rampup
 from utils.tasks import TASKS, AflwTask, Cifar10Task
 from utils.training import Run, build_run
@@ -46,8 +46,9 @@ def load_script(method):
 
 
 def defaults_run(task, method):
-    """A ``Run`` built by the engine itself from the task's real defaults for ``method``."""
-    args = SimpleNamespace(**task.defaults(method))
+    """A ``Run`` built by the engine itself from the task's real defaults for ``method`` (speed flags off,
+    as ``utils.options.finalize`` leaves them)."""
+    args = SimpleNamespace(**task.defaults(method), **dict.fromkeys(SPEED_FLAGS, False))
     torch.manual_seed(0)
     return build_run(args, task, torch.device("cpu"))
 

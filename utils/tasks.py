@@ -27,6 +27,11 @@ class Batch:
     y_m: Optional[torch.Tensor] = None
 
 
+def full_precision(x):
+    """bf16/fp16 outputs of ``--amp`` as fp32 for losses and metrics; fp32 and fp64 pass unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def meta_defaults(method, virtual_step, reduction, squash_o, ema_updates):
     """The per-task differences of the L2I meta step (SPEC §B.3), as explicit defaults."""
     if not method.startswith("L2I"):
@@ -47,7 +52,7 @@ def _sum_by_batch(model, loader, device, per_batch):
     with torch.no_grad():
         for inputs, targets in loader:
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            sums = per_batch(model(inputs).float(), targets)  # fp32 metrics also under --amp
+            sums = per_batch(full_precision(model(inputs)), targets)
             totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
             count += len(inputs)
     model.train(was_training)
@@ -126,14 +131,14 @@ class Cifar10Task:
     # --- the losses and label imputation every train_step uses ---
     def supervised_loss(self, logits, targets):
         """Soft cross-entropy averaged over the batch."""
-        return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+        return -(targets * F.log_softmax(full_precision(logits), dim=1)).sum(dim=1).mean()
 
     def prediction(self, logits):
-        return torch.softmax(logits.float(), dim=1)  # .float(): fp32 probabilities also under --amp
+        return torch.softmax(full_precision(logits), dim=1)
 
     def impute(self, logits_view2, batch):
         """A network output on view 2 as a label for view 1: class probabilities."""
-        return torch.softmax(logits_view2.float(), dim=1)
+        return torch.softmax(full_precision(logits_view2), dim=1)
 
     def consistency_loss(self, student_out, target):
         return F.mse_loss(self.prediction(student_out), target)  # mean over B×10
@@ -220,7 +225,7 @@ class AflwTask:
         return batch
 
     def supervised_loss(self, outputs, targets):
-        return F.mse_loss(outputs.float(), targets)
+        return F.mse_loss(full_precision(outputs), targets)
 
     def prediction(self, outputs):
         return outputs
@@ -231,7 +236,7 @@ class AflwTask:
         return shift_compensate(outputs_view2, *batch.shift, self.mean, self.std)
 
     def consistency_loss(self, student_out, target):
-        return F.mse_loss(student_out.float(), target)
+        return F.mse_loss(full_precision(student_out), target)
 
     def student_forward(self, model, x_l, u1):
         """TCDCNN has no batch-dependent layer: one forward over both (the authors' regression

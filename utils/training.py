@@ -121,6 +121,9 @@ def resolve_args(method, args, datasets):
                             f"or continue that run with --resume {args.out}")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise UserError(f"--out {args.out} exists and is not a folder")
+    if state is not None and state["epoch"] >= args.epochs:
+        raise UserError(f"{args.resume} has already trained {state['epoch']} of --epochs {args.epochs}; "
+                        f"pass a larger --epochs to continue it")
     if args.dataset not in datasets:
         raise UserError(f"train-{method}.py does not support --dataset {args.dataset} "
                         f"(supported: {', '.join(datasets)})")
@@ -221,9 +224,6 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
         restore_run(run, state)
         history, best, wall_time = state["history"], state["best"], state["wall_time"]
         write_task_log(args.out, task, history)  # drop rows of an epoch the checkpoint does not hold
-        if run.epoch >= args.epochs:
-            raise UserError(f"{args.resume} has already trained {run.epoch} of --epochs {args.epochs}; "
-                            f"pass a larger --epochs to continue it")
     write_json(os.path.join(args.out, "args.json"), options_record(args))
     print(f"train-{method}.py on {args.dataset}, {args.n_labeled:g} labels, {device}; "
           f"{sum(p.numel() for p in run.student.parameters()) / 1e6:.2f}M parameters; run folder {args.out}")
@@ -309,7 +309,7 @@ def train_epoch(run, loaders, train_step):
                       + f" | W: {run.unsup_weight():.3f}")
     progress.finish()
     if run.args.no_progress:
-        print(f"epoch {run.epoch + 1}: {step_time / n:.3f} s per iteration, of which data loading "
+        print(f"  {step_time / n:.3f} s per iteration, of which data loading "
               f"{data_time / n:.3f} s ({100 * data_time / step_time:.1f} %)", flush=True)
     return {k: v / run.args.val_iteration for k, v in sums.items()}
 
