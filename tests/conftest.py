@@ -1,5 +1,6 @@
 """Session-wide fixture datasets, written once in the real on-disk formats (DESIGN.md §7)."""
 import pytest
+import torch
 
 from tests.aflw_fixture import make_aflw_release
 from tests.cifar_fixture import make_cifar10
@@ -24,3 +25,13 @@ def aflw_root(tmp_path_factory):
     """The ``aflw_release-2`` folder itself (pass it as ``--data-root``)."""
     root = tmp_path_factory.mktemp("aflw-data")
     return str(make_aflw_release(root, n_train=AFLW_TRAIN_LINES, n_test=AFLW_TEST))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process work on one thread, like the scripts the tests start (OMP_NUM_THREADS=1): tiny tensors
+    on a 2-core machine run many times slower when threads oversubscribe the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

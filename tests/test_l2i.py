@@ -48,14 +48,6 @@ AFLW_LR = 0.003
 DEAD_BN = {f"block{s}.layer.0.bn1.{k}" for s in (2, 3) for k in ("weight", "bias")}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small batches: one thread avoids oversubscribing a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ============================================================================ building runs and batches
 

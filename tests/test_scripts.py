@@ -60,14 +60,6 @@ if (REPO / "train-PL.py").is_file():
     SCRIPT_RUNS.append(("PL", "aflw"))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process runs: one thread, like the subprocesses (SCRIPT_ENV)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------- helpers
 

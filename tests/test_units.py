@@ -27,14 +27,6 @@ from utils.training import Run, build_run
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one thread avoids oversubscribing a busy 2-core machine (20x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def load_script(method):
     """A ``train-<method>.py`` as a module (importing it must run nothing)."""
