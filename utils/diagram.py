@@ -106,7 +106,7 @@ def meta_gradient(ax):
     for x, name in ((3.2, "L2I-L"), (9.1, "L2I-O")):
         note(ax, x, 4.3, name, STYLES["virtual"][1], weight="bold")
     box(ax, 3.2, 3.45, 5.2, 0.7, r"$z \leftarrow z - \nabla_z M$   (label step)", "virtual")
-    box(ax, 3.2, 1.95, 5.2, 0.95, r"$\theta \leftarrow \theta - \mathrm{opt}(\nabla_\theta V(f(u_1;\theta), z))$"
+    box(ax, 3.2, 1.95, 5.2, 0.95, r"$\theta \leftarrow \theta - \mathrm{opt}(\nabla_\theta\, \mathrm{MSE}(f(u_1;\theta), z))$"
         "\nrefine on the new labels  (step #2)", "update")
     box(ax, 9.1, 3.45, 4.8, 0.7, r"$\nabla_\varphi M$: backprop $\nabla_z M$ through $h(u_2;\varphi)$", "virtual")
     box(ax, 9.1, 1.95, 4.8, 0.95, r"$\theta \leftarrow \theta - \mathrm{opt}(\nabla_\varphi M)$"
