@@ -23,7 +23,7 @@ from utils.ema import EvalEMA, MeanTeacher
 from utils.errors import UserError
 from utils.logger import EpochProgress, open_writer, write_log
 from utils.options import RESUME_OVERRIDES, finalize
-from utils.runtime import rng_state, seed_everything, select_device, set_rng_state
+from utils.runtime import keep_freed_memory, rng_state, seed_everything, select_device, set_rng_state
 from utils.schedules import linear_rampup
 from utils.tasks import TASKS
 
@@ -198,6 +198,7 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
     args, state = resolve_args(method, args, datasets)
     task = TASKS[args.dataset]()
     device = select_device(args.gpu)
+    keep_freed_memory()  # same numbers, far fewer page faults on the CPU
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the authors; GPU runs are not bit-reproducible anyway
     seed_everything(args.manualSeed)
