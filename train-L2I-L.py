@@ -37,8 +37,9 @@ def train_step(run, batch):
         labels = label_generator_output(run.student, batch.u2)
     # 6. The student on view 1: an extra, non-interleaved forward (SPEC §H.3 28).
     student_out = run.student(batch.u1)
-    # 7-8. dM(θ')/dr with θ' = θ - η·∇θ V(o, r), η = virtual-step × current lr (utils/meta.py).
-    grad_labels = imputed_label_gradient(run, batch, student_out, labels)
+    # 7-8. dM(θ')/dr with θ' = θ - η·∇θ V(o, r), η = virtual-step × current lr (utils/meta.py). Its view-1
+    # graph is kept: the refinement loss (step 10) back-propagates through it again.
+    grad_labels = imputed_label_gradient(run, batch, student_out, labels, keep_graph=True)
     # 9. One plain gradient step on the labels.
     refined = labels - args.label_step * grad_labels
     # 10-11. Refinement loss towards the refined labels (no λ, no ramp), optimizer step #2 (shared state).

@@ -34,8 +34,9 @@ def train_step(run, batch):
     labels = label_generator_output(run.student, batch.u2)
     # 7. The student on view 1: an extra, non-interleaved forward (SPEC §H.3 28).
     student_out = run.student(batch.u1)
-    # 8-11. dM(θ')/dz with θ' = θ - η·∇θ V(o, z), η = virtual-step × current lr (utils/meta.py).
-    grad_labels = imputed_label_gradient(run, batch, student_out, labels)
+    # 8-11. dM(θ')/dz with θ' = θ - η·∇θ V(o, z), η = virtual-step × current lr (utils/meta.py). The view-1
+    # graph is not needed afterwards, so it is freed as soon as the virtual step has used it.
+    grad_labels = imputed_label_gradient(run, batch, student_out, labels, keep_graph=False)
     # 12-13. Into the label generator's parameters (= the student's), then optimizer step #2 (shared state).
     labels.backward(grad_labels)
     run.optimizer.step()

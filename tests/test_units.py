@@ -6,6 +6,7 @@ unsupervised weight at the real per-task defaults, the CIFAR-10 split and augmen
 """
 import importlib.util
 import os
+import time
 from collections import Counter
 from types import SimpleNamespace
 
@@ -359,3 +360,23 @@ def test_checkpoint_write_failing_midway_keeps_the_previous_one(tmp_path, monkey
     save_checkpoint(newer, str(tmp_path), is_best=False)
     assert load_checkpoint(str(tmp_path / CHECKPOINT))["epoch"] == 2
     assert load_checkpoint(str(tmp_path / BEST))["epoch"] == 1
+
+
+def test_a_resumed_writer_within_the_same_second_keeps_the_earlier_events(tmp_path, monkeypatch):
+    """tensorboardX names events files after the current second: without the writer's own suffix, an
+    attempt resumed within the second its predecessor started overwrote the predecessor's events (it
+    happened in the NaN-resume test on a fast machine). The clock is frozen to force that case."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import utils.logger
+    monkeypatch.setattr(time, "time", lambda: 1795597725.5)   # the clock tensorboardX names files by
+    first = utils.logger.open_writer(str(tmp_path), first_step=24)
+    first.add_scalar("loss", 1.0, 24)
+    first.close()
+    resumed = utils.logger.open_writer(str(tmp_path), first_step=48)
+    resumed.add_scalar("loss", 2.0, 48)
+    resumed.close()
+    assert len(list(tmp_path.glob("events.out.tfevents.1795597725.*"))) == 2
+    accumulator = EventAccumulator(str(tmp_path))
+    accumulator.Reload()
+    assert [(e.step, e.value) for e in accumulator.Scalars("loss")] == [(24, 1.0), (48, 2.0)]

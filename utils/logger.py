@@ -1,6 +1,7 @@
 """Run-folder outputs that grow during training: ``log.txt``, tensorboard events, the progress bar."""
 import os
 import sys
+import time
 
 from progress.bar import Bar
 from tensorboardX import SummaryWriter
@@ -23,8 +24,13 @@ def write_log(folder, columns, rows):
 
 
 def open_writer(folder, first_step):
-    """tensorboardX writer; on resume, events at or after ``first_step`` from the earlier attempt are purged."""
-    return SummaryWriter(logdir=folder, purge_step=first_step)
+    """tensorboardX writer; on resume, events at or after ``first_step`` from the earlier attempt are purged.
+
+    tensorboardX names the events file after the current second and the host, so an attempt resumed
+    within the second its predecessor started would overwrite the predecessor's file. A nanosecond
+    suffix keeps one file per attempt, in the order tensorboard reads them (sorted by name).
+    """
+    return SummaryWriter(logdir=folder, purge_step=first_step, filename_suffix=f".{time.time_ns()}")
 
 
 class EpochProgress:

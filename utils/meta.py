@@ -30,7 +30,7 @@ def _meta_loss_at(model, theta_prime, buffers, meta_inputs, meta_targets, meta_l
 
 
 def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, meta_inputs, meta_targets,
-                        meta_loss, virtual_step_size, method="exact"):
+                        meta_loss, virtual_step_size, method="exact", keep_graph=True):
     """d M(θ') / d labels, where θ' = θ - virtual_step_size * ∇θ virtual_loss(student_out, labels),
     student_out = model(unlabeled) computed by the caller WITH graph on model's real parameters θ
     (train mode; on `unlabeled` alone), labels = the imputed labels z (any tensor; treated as a
@@ -39,8 +39,9 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
     M(θ') = meta_loss(functional forward of model at θ' on meta_inputs, meta_targets).
     Returns a tensor shaped like `labels`.
 
-    method="exact" (default) and "unroll" give the same answer (see the module docstring); the
-    caller's graph behind `student_out` stays usable afterwards (it is retained, never freed).
+    method="exact" (default) and "unroll" give the same answer (see the module docstring).
+    keep_graph=True leaves the caller's graph behind `student_out` usable afterwards (L2I-L back-propagates
+    through it again); False frees it as soon as it has been used, lowering the peak memory.
     "exact" re-runs `model` on `unlabeled` (the JVP), so the forward must be deterministic: no active
     dropout (WRN-28-2 has rate 0, TCDCNN none) and the same train/eval mode as the caller's forward."""
     if method not in METHODS:
@@ -60,14 +61,15 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
                                 params)
         theta_prime = {n: p.detach() - virtual_step_size * g for n, p, g in zip(names, params, g_v)}
         meta = _meta_loss_at(model, theta_prime, constants, meta_inputs, meta_targets, meta_loss)
-        # retain_graph: never free the caller's graph (the double-backward graph shares its nodes).
-        (grad,) = torch.autograd.grad(meta, z_leaf, retain_graph=True, allow_unused=True)
+        # The double-backward graph shares the caller's nodes: free them only if the caller is done.
+        (grad,) = torch.autograd.grad(meta, z_leaf, retain_graph=keep_graph, allow_unused=True)
         return torch.zeros_like(labels) if grad is None else grad
 
-    # "exact" (DESIGN §3). 1) first-order virtual step; z is a constant here. retain_graph: the
-    # caller may back-propagate student_out again (L2I-L's refinement loss).
+    # "exact" (DESIGN §3). 1) first-order virtual step; z is a constant here. This is the last use of
+    # the caller's graph unless the caller back-propagates student_out again (keep_graph).
     virtual = virtual_loss(student_out, labels.detach())
-    g_v = _zeros_for_unused(torch.autograd.grad(virtual, params, retain_graph=True, allow_unused=True), params)
+    g_v = _zeros_for_unused(torch.autograd.grad(virtual, params, retain_graph=keep_graph, allow_unused=True),
+                            params)
     theta_prime = {n: (p.detach() - virtual_step_size * g).requires_grad_(True)
                    for n, p, g in zip(names, params, g_v)}
     # 2) g = ∇M(θ'), an ordinary gradient.
@@ -128,12 +130,13 @@ def add_meta_options(parser, label_step):
         group.add_argument("--label-step", type=float, help="gradient step on the imputed labels (1)")
 
 
-def imputed_label_gradient(run, batch, student_out, labels):
+def imputed_label_gradient(run, batch, student_out, labels, keep_graph):
     """``meta_label_gradient`` with this run's L2I options (SPEC §B.3): the virtual step of size
-    ``virtual_step × current lr`` on V(o, z) over view 1, and the task's supervised loss on the meta batch."""
+    ``virtual_step × current lr`` on V(o, z) over view 1, and the task's supervised loss on the meta batch.
+    ``keep_graph``: whether the caller back-propagates ``student_out`` again afterwards."""
     task, args = run.task, run.args
     return meta_label_gradient(
         run.student, student_out, batch.u1, labels,
         virtual_loss=lambda out, z: virtual_loss(task, batch, out, z, args.virtual_reduction, args.virtual_squash),
         meta_inputs=batch.x_m, meta_targets=batch.y_m, meta_loss=task.supervised_loss,
-        virtual_step_size=args.virtual_step * run.lr, method=args.meta_grad)
+        virtual_step_size=args.virtual_step * run.lr, method=args.meta_grad, keep_graph=keep_graph)
