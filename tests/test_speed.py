@@ -550,6 +550,17 @@ def test_keeping_freed_memory_changes_page_faults_not_numbers(tmp_path):
     assert steady["keep"] * 10 <= steady["default"], reports
 
 
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_warns_on_a_cpu_without_bf16_instructions(native, monkeypatch, capsys):
+    from utils.runtime import warn_if_slow_bf16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    warn_if_slow_bf16(CPU)
+    err = capsys.readouterr().err
+    assert (err == "") if native else (err.startswith("warning: this CPU has no bf16 instructions") and
+                                      err.count("\n") == 1)
+
+
 # ============================================================================ 4. end to end
 
 def cli(method, *args, timeout=300):

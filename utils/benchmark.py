@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.options import SPEED_FLAGS, finalize
-from utils.runtime import keep_freed_memory
+from utils.runtime import keep_freed_memory, warn_if_slow_bf16
 from utils.scripts import METHODS, load_script
 from utils.tasks import TASKS, Batch
 from utils.training import build_run
@@ -154,6 +154,8 @@ def main(argv=None):
     if opts.threads:
         torch.set_num_threads(opts.threads)
     keep_freed_memory()  # as the training scripts do
+    if opts.amp:
+        warn_if_slow_bf16(torch.device(opts.device))
     torch.manual_seed(0)
     rows = benchmark(opts)
     print(f"device {opts.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

@@ -10,6 +10,8 @@ give the second-order quantity exactly ("exact"); "unroll" is the authors' creat
 reference). Both run the model only through torch.func.functional_call with CLONED buffers, so the
 model's BN running statistics and .grad slots are never touched (SPEC §B.0.4, §E.3).
 """
+import contextlib
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
@@ -78,7 +80,10 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
                           list(theta_prime.values()))
     # 3) t = J_f(θ) g: one forward-mode JVP on `unlabeled` at θ, same mode as the caller's forward.
     # forward_ad dual tensors rather than torch.func.jvp, which refuses BN's in-place buffer update.
-    with fwAD.dual_level():
+    # Under CPU autocast (--amp) the JVP runs in fp32: forward-mode AD through batch norm with bf16
+    # activations and fp32 statistics converts dtypes at every step and takes ~10 bf16 forwards' time.
+    precision = torch.autocast("cpu", enabled=False) if unlabeled.device.type == "cpu" else contextlib.nullcontext()
+    with precision, fwAD.dual_level():
         duals = {n: fwAD.make_dual(p.detach(), d) for n, p, d in zip(names, params, g)}
         cloned = {n: b.clone() for n, b in constants.items()}
         tangent = fwAD.unpack_dual(functional_call(model, (duals, cloned), (unlabeled,))).tangent

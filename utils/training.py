@@ -23,7 +23,8 @@ from utils.ema import EvalEMA, MeanTeacher
 from utils.errors import UserError
 from utils.logger import EpochProgress, open_writer, write_log
 from utils.options import RESUME_OVERRIDES, finalize
-from utils.runtime import keep_freed_memory, rng_state, seed_everything, select_device, set_rng_state
+from utils.runtime import (keep_freed_memory, rng_state, seed_everything, select_device, set_rng_state,
+                           warn_if_slow_bf16)
 from utils.schedules import linear_rampup
 from utils.tasks import TASKS
 
@@ -199,6 +200,8 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
     task = TASKS[args.dataset]()
     device = select_device(args.gpu)
     keep_freed_memory()  # same numbers, far fewer page faults on the CPU
+    if args.amp:
+        warn_if_slow_bf16(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the authors; GPU runs are not bit-reproducible anyway
     seed_everything(args.manualSeed)
