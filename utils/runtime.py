@@ -35,7 +35,7 @@ def keep_freed_memory():
     pages in anew: about 150 000 page faults and a third of the time of an AFLW MT iteration on the CPU
     (README "Speed"). Serving everything from the heap and never trimming it removes that. Only where
     tensors live changes, not what is computed: the numbers are bit-identical (tests/test_speed.py).
-    A no-op outside glibc (macOS, Windows, musl); the process's memory then never shrinks below its peak.
+    The process's resident memory then stays at its peak. A no-op outside glibc (macOS, Windows, musl).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -48,8 +48,13 @@ def keep_freed_memory():
 
 def warn_if_slow_bf16(device):
     """--amp on a CPU without bf16 instructions (AVX512-BF16 or AMX) runs PyTorch's reference bf16
-    kernels, ~10× slower than fp32 (measured on an AVX2-only EPYC): say so once instead of silently."""
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    kernels, ~10× slower than fp32 (measured on an AVX2-only EPYC): say so once instead of silently.
+    Silent where this (private) PyTorch query does not exist."""
+    try:
+        native = device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        native = True
+    if not native:
         print("warning: this CPU has no bf16 instructions (AVX512-BF16/AMX); --amp will be much slower "
               "than fp32 here", file=sys.stderr)
 
