@@ -280,7 +280,8 @@ def test_device_batches_yield_what_the_data_loader_yields(encoded_dataset, globa
 #   touch the optimizer (parameters, gradients and optimizer state stay fp32, checked below); Adam runs
 #   with a flag in the end-to-end test of --data-on-device and in the benchmark.
 #
-# Tolerances (observed on this CPU in brackets):
+# Tolerances (observed in brackets, on the AVX2 CPU these were first measured on; an AVX-512/AVX512-BF16 CPU
+# passes them too):
 # * channels-last, compile: the same fp32 operations with sums in another order, ≈ 1e-7 relative per
 #   op. How much that grows depends on the conditioning of the problem, so the yardstick is the fp32
 #   default's own rounding error, measured against the same run in float64: the flagged run may be at
@@ -305,8 +306,8 @@ LOSS_RTOL = {"--channels-last": (1e-4, 1e-4), "--compile": (1e-4, 1e-4), "--amp"
 FP64_MULTIPLE, UPDATE_FLOOR = 4.0, 1e-5     # channels-last, compile: ≤ 4·‖fp32 − fp64‖ + 1e-5·update
 AMP_UPDATE_RTOL = {"cifar10": 0.3, "aflw": 0.1}
 BATCH_SIZE = {"cifar10": 4, "aflw": 8}
-# bf16 has no hardware support on this CPU (its convolutions take PyTorch's slow reference path): one WRN
-# iteration takes 5 s (MT) to 15 s (L2I-O). One iteration already holds the teacher's forward, the
+# On a CPU without bf16 instructions (AVX2 only) bf16 convolutions take PyTorch's slow reference path: one
+# WRN iteration takes 5 s (MT) to 15 s (L2I-O). One iteration already holds the teacher's forward, the
 # interleaved student forward and backward, the optimizer step(s) and both EMA updates (and, in L2I-O, a
 # second optimizer step from weights the first one changed), so CIFAR-10 runs one, AFLW two.
 ITERATIONS = {"cifar10": 1, "aflw": 2}
