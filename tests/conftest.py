@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from tests.aflw_fixture import make_aflw_release
-from tests.cifar_fixture import make_cifar10
+from dataset.synthetic import make_aflw_release, make_cifar10
 
 # Tiny CIFAR-10: 12 training and 4 test images per class (120 / 40 images).
 CIFAR_PER_CLASS_TRAIN = 12

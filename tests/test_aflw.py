@@ -12,7 +12,7 @@ from PIL import Image
 
 from dataset.aflw import RepeatPermutationSampler, load_aflw, translate_reflect
 from models.tcdcnn import TCDCNN
-from tests.aflw_fixture import make_aflw_release
+from dataset.synthetic import make_aflw_release
 from utils.errors import UserError
 from utils.landmarks import (denormalise, landmark_errors, mean_error_and_failure_rate, normalise,
                              shift_compensate)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.cifar_fixture import make_cifar10
+from dataset.synthetic import make_cifar10
 from utils import experiments, plot, results
 from utils.checkpoint import CHECKPOINT
 from utils.logger import write_log
