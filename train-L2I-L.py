@@ -9,20 +9,27 @@ step towards the refined labels.
     python train-L2I-L.py --gpu 0 --n-labeled 250  --out cifar10L2IL@250
     python train-L2I-L.py --gpu 0 --n-labeled 0.01 --out aflwL2IL@0.01
 """
-import torch
+from utils.options import add_meta_options, check_command_line, common_parser, method_name
 
-from utils.meta import add_meta_options, imputed_label_gradient, label_generator_output
-from utils.options import common_parser
-from utils.steps import consistency_update
-from utils.training import run_script
-
-METHOD = "L2I-L"
+METHOD = method_name(__file__)    # "L2I-L"; a copy named train-MYVAR.py trains the method "MYVAR"
+BASED_ON = "L2I-L"                # whose options and per-task defaults this script takes (docs/defaults.md)
+DATASETS = ("cifar10", "aflw")    # the first is the default
 
 
 def parse_args(argv=None):
-    parser = common_parser("L2I-L: learning to impute, labels as learnable tensors")
+    parser = common_parser("L2I-L: learning to impute, labels as learnable tensors", BASED_ON, DATASETS)
     add_meta_options(parser, label_step=True)
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and option errors answer now, before PyTorch is imported
+    check_command_line(parse_args)
+
+import torch  # noqa: E402
+
+from utils.meta import imputed_label_gradient, label_generator_output  # noqa: E402  (imports PyTorch)
+from utils.steps import consistency_update  # noqa: E402
+from utils.training import run_script  # noqa: E402
 
 
 def train_step(run, batch):
@@ -53,7 +60,7 @@ def train_step(run, batch):
 
 
 def main(argv=None):
-    run_script(METHOD, parse_args, train_step, argv, meta_batches=True)
+    run_script(METHOD, parse_args, train_step, argv, datasets=DATASETS, meta_batches=True)
 
 
 if __name__ == "__main__":

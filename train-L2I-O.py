@@ -9,18 +9,25 @@ the student as a second optimizer step. The student learns to impute labels that
     python train-L2I-O.py --gpu 0 --n-labeled 250  --out cifar10L2IO@250
     python train-L2I-O.py --gpu 0 --n-labeled 0.01 --out aflwL2IO@0.01
 """
-from utils.meta import add_meta_options, imputed_label_gradient, label_generator_output
-from utils.options import common_parser
-from utils.steps import consistency_update
-from utils.training import run_script
+from utils.options import add_meta_options, check_command_line, common_parser, method_name
 
-METHOD = "L2I-O"
+METHOD = method_name(__file__)    # "L2I-O"; a copy named train-MYVAR.py trains the method "MYVAR"
+BASED_ON = "L2I-O"                # whose options and per-task defaults this script takes (docs/defaults.md)
+DATASETS = ("cifar10", "aflw")    # the first is the default
 
 
 def parse_args(argv=None):
-    parser = common_parser("L2I-O: learning to impute, labels as the output of a network")
+    parser = common_parser("L2I-O: learning to impute, labels as the output of a network", BASED_ON, DATASETS)
     add_meta_options(parser, label_step=False)
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and option errors answer now, before PyTorch is imported
+    check_command_line(parse_args)
+
+from utils.meta import imputed_label_gradient, label_generator_output  # noqa: E402  (imports PyTorch)
+from utils.steps import consistency_update  # noqa: E402
+from utils.training import run_script  # noqa: E402
 
 
 def train_step(run, batch):
@@ -47,7 +54,7 @@ def train_step(run, batch):
 
 
 def main(argv=None):
-    run_script(METHOD, parse_args, train_step, argv, meta_batches=True)
+    run_script(METHOD, parse_args, train_step, argv, datasets=DATASETS, meta_batches=True)
 
 
 if __name__ == "__main__":

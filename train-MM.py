@@ -1,23 +1,31 @@
-"""MixMatch, as in the authors' copy of YU1ut/MixMatch-pytorch (SPEC §B.1.2). CIFAR-10 only:
+"""MixMatch, as in the authors' copy of YU1ut/MixMatch-pytorch (docs/method.md §3.2). CIFAR-10 only:
 sharpening and mixing of labels are defined for classes, not for landmark coordinates.
 
     python train-MM.py --gpu 0 --n-labeled 250 --out cifar10MM@250
 """
-import numpy as np
-import torch
+from utils.options import check_command_line, common_parser, method_name
 
-from utils.interleave import interleaved_forward
-from utils.options import common_parser
-from utils.training import run_script
-
-METHOD = "MM"
+METHOD = method_name(__file__)    # "MM"; a copy named train-MYVAR.py trains the method "MYVAR"
+BASED_ON = "MM"                   # whose options and per-task defaults this script takes (docs/defaults.md)
+DATASETS = ("cifar10",)
 
 
 def parse_args(argv=None):
-    parser = common_parser("MixMatch")
-    parser.add_argument("--alpha", type=float, help="Beta(alpha, alpha) of the mixing weight (default 0.75)")
-    parser.add_argument("--T", type=float, help="sharpening temperature (default 0.5)")
+    parser = common_parser("MixMatch", BASED_ON, DATASETS)
+    mixmatch = parser.add_argument_group("MixMatch")
+    mixmatch.add_argument("--alpha", type=float, help="Beta(alpha, alpha) of the mixing weight (default 0.75)")
+    mixmatch.add_argument("--T", type=float, help="sharpening temperature (default 0.5)")
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and option errors answer now, before PyTorch is imported
+    check_command_line(parse_args)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from utils.interleave import interleaved_forward  # noqa: E402
+from utils.training import run_script  # noqa: E402
 
 
 def sharpen(p, temperature):
@@ -39,7 +47,7 @@ def train_step(run, batch):
     perm = torch.randperm(len(inputs)).to(inputs.device)
     mixed_inputs = lam * inputs + (1 - lam) * inputs[perm]
     mixed_targets = lam * targets + (1 - lam) * targets[perm]
-    # 4. Three student forwards through the 3-way BN interleave (SPEC §B.0.3).
+    # 4. Three student forwards through the 3-way BN interleave (docs/method.md §2.3).
     outputs = interleaved_forward(run.student, list(torch.split(mixed_inputs, n)))
     # 5. Cross-entropy on the mixed labeled chunk, squared error on the two mixed unlabeled chunks.
     loss_x = task.supervised_loss(outputs[0], mixed_targets[:n])
@@ -54,7 +62,7 @@ def train_step(run, batch):
 
 
 def main(argv=None):
-    run_script(METHOD, parse_args, train_step, argv, datasets=("cifar10",))
+    run_script(METHOD, parse_args, train_step, argv, datasets=DATASETS)
 
 
 if __name__ == "__main__":

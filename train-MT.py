@@ -1,17 +1,27 @@
-"""Mean Teacher (SPEC §B.1.1 on CIFAR-10, §B.2.3 on AFLW).
+"""Mean Teacher (docs/method.md §3.1 on CIFAR-10, §4.3 on AFLW).
 
     python train-MT.py --gpu 0 --n-labeled 250  --out cifar10MT@250
     python train-MT.py --gpu 0 --n-labeled 0.01 --out aflwMT@0.01
-"""
-from utils.options import common_parser
-from utils.steps import consistency_update
-from utils.training import run_script
 
-METHOD = "MT"
+To try a variant, copy this file (e.g. to train-MYVAR.py) and edit ``train_step``: the copy is a method
+of its own, named after its file, with its own run folders and results.
+"""
+from utils.options import check_command_line, common_parser, method_name
+
+METHOD = method_name(__file__)    # "MT"; a copy named train-MYVAR.py trains the method "MYVAR"
+BASED_ON = "MT"                   # whose options and per-task defaults this script takes (docs/defaults.md)
+DATASETS = ("cifar10", "aflw")    # the first is the default
 
 
 def parse_args(argv=None):
-    return common_parser("Mean Teacher").parse_args(argv)
+    return common_parser("Mean Teacher", BASED_ON, DATASETS).parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and option errors answer now, before PyTorch is imported
+    check_command_line(parse_args)
+
+from utils.steps import consistency_update  # noqa: E402  (imports PyTorch)
+from utils.training import run_script  # noqa: E402
 
 
 def train_step(run, batch):
@@ -25,7 +35,7 @@ def train_step(run, batch):
 
 
 def main(argv=None):
-    run_script(METHOD, parse_args, train_step, argv)
+    run_script(METHOD, parse_args, train_step, argv, datasets=DATASETS)
 
 
 if __name__ == "__main__":

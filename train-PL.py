@@ -1,4 +1,4 @@
-"""Pseudo-labelling (SPEC §B.2.2 on AFLW; our extension on CIFAR-10).
+"""Pseudo-labelling (docs/method.md §4.2 on AFLW; §3.6 for this repository's CIFAR-10 version).
 
 The current student labels view 2 of each unlabeled image (no teacher), and is trained on view 1
 against that label. On CIFAR-10 the label is the student's softmax on view 2 with the classification
@@ -8,15 +8,22 @@ losses of MT (squared error between probabilities, λ = 50 ramped over 409.6 epo
     python train-PL.py --gpu 0 --n-labeled 0.01 --out aflwPL@0.01
     python train-PL.py --gpu 0 --n-labeled 250  --dataset cifar10
 """
-from utils.options import common_parser
-from utils.steps import consistency_update
-from utils.training import run_script
+from utils.options import check_command_line, common_parser, method_name
 
-METHOD = "PL"
+METHOD = method_name(__file__)    # "PL"; a copy named train-MYVAR.py trains the method "MYVAR"
+BASED_ON = "PL"                   # whose options and per-task defaults this script takes (docs/defaults.md)
+DATASETS = ("aflw", "cifar10")    # the first is the default
 
 
 def parse_args(argv=None):
-    return common_parser("Pseudo-labelling").parse_args(argv)
+    return common_parser("Pseudo-labelling", BASED_ON, DATASETS).parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and option errors answer now, before PyTorch is imported
+    check_command_line(parse_args)
+
+from utils.steps import consistency_update  # noqa: E402  (imports PyTorch)
+from utils.training import run_script  # noqa: E402
 
 
 def train_step(run, batch):
@@ -29,7 +36,7 @@ def train_step(run, batch):
 
 
 def main(argv=None):
-    run_script(METHOD, parse_args, train_step, argv, datasets=("aflw", "cifar10"))
+    run_script(METHOD, parse_args, train_step, argv, datasets=DATASETS)
 
 
 if __name__ == "__main__":

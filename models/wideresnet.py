@@ -4,7 +4,7 @@ Deviations from the textbook WRN that the authors' code has, and that we keep fo
 * every block convolution (3x3 and the 1x1 projection) has a bias;
 * in the first block of stages 2 and 3 the BN + LeakyReLU output is computed and thrown away,
   so ``block{2,3}.layer.0.bn1.{weight,bias}`` never receive a gradient;
-* BN momentum 0.001 (PyTorch convention).
+* BN momentum 0.001 (PyTorch convention; ``bn_momentum`` changes it, e.g. for a quick try).
 A plain ``nn.Module``: the L2I meta step runs it through ``torch.func.functional_call``.
 """
 import math
@@ -17,11 +17,11 @@ LEAKY_SLOPE = 0.1
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes, out_planes, stride, activate_before_residual=False):
+    def __init__(self, in_planes, out_planes, stride, activate_before_residual, bn_momentum):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(in_planes, momentum=bn_momentum)
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=True)
-        self.bn2 = nn.BatchNorm2d(out_planes, momentum=BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(out_planes, momentum=bn_momentum)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=True)
         self.equal_in_out = in_planes == out_planes
         self.shortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=True)
@@ -44,11 +44,11 @@ class BasicBlock(nn.Module):
 
 
 class NetworkBlock(nn.Module):
-    def __init__(self, n_blocks, in_planes, out_planes, stride, activate_before_residual=False):
+    def __init__(self, n_blocks, in_planes, out_planes, stride, bn_momentum, activate_before_residual=False):
         super().__init__()
         self.layer = nn.Sequential(*[
             BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1,
-                       activate_before_residual)
+                       activate_before_residual, bn_momentum)
             for i in range(n_blocks)])
 
     def forward(self, x):
@@ -56,16 +56,16 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, num_classes=10, depth=28, widen_factor=2):
+    def __init__(self, num_classes=10, depth=28, widen_factor=2, bn_momentum=BN_MOMENTUM):
         super().__init__()
         assert (depth - 4) % 6 == 0, "WRN depth must be 6n+4"
         n_blocks = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
-        self.block1 = NetworkBlock(n_blocks, widths[0], widths[1], 1, activate_before_residual=True)
-        self.block2 = NetworkBlock(n_blocks, widths[1], widths[2], 2)
-        self.block3 = NetworkBlock(n_blocks, widths[2], widths[3], 2)
-        self.bn1 = nn.BatchNorm2d(widths[3], momentum=BN_MOMENTUM)
+        self.block1 = NetworkBlock(n_blocks, widths[0], widths[1], 1, bn_momentum, activate_before_residual=True)
+        self.block2 = NetworkBlock(n_blocks, widths[1], widths[2], 2, bn_momentum)
+        self.block3 = NetworkBlock(n_blocks, widths[2], widths[3], 2, bn_momentum)
+        self.bn1 = nn.BatchNorm2d(widths[3], momentum=bn_momentum)
         self.fc = nn.Linear(widths[3], num_classes)
         self._init_weights()
 

@@ -26,6 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dataset.cifar10 import read_cifar10
 from models.tcdcnn import TCDCNN
 from models.wideresnet import WideResNet
+from utils.defaults import defaults
 from utils.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,13 +236,13 @@ def test_run_folder_holds_exactly_the_documented_files(runs, method, dataset):
 def test_args_json_records_the_resolved_options(runs, roots, method, dataset):
     folder = runs.uninterrupted(method, dataset)
     args = json.loads((folder / "args.json").read_text())
-    defaults = TASKS[dataset]().defaults(method)
+    expected = defaults(dataset, method)
     assert args["method"] == method and args["dataset"] == dataset
     assert args["n_labeled"] == float(CIFAR_N_LABELED if dataset == "cifar10" else AFLW_N_LABELED[method])
     assert (args["epochs"], args["batch_size"], args["val_iteration"]) == (expected_epochs(dataset), BATCH, ITERATIONS)
     assert args["data_root"] == roots[dataset] and Path(args["out"]) == folder
     for key in ("lr", "lambda_u", "rampup_length", "ema_decay", "ema_shrink", "eval_model", "manualSeed"):
-        assert args[key] == defaults[key], key
+        assert args[key] == expected[key], key
     if dataset == "cifar10":
         assert args["n_val"] == CIFAR_N_VAL
     if method == "MM":

@@ -325,8 +325,9 @@ def train_from_seed(method, task, flags, iterations, dtype=torch.float32):
     ``dtype`` float64 runs the same in double precision (models, task statistics and batches)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        full_weight = FULL_WEIGHT[task] if method != "SL" else []  # SL has no unsupervised term
         train_step, run = make_config(method, task, CPU, ["--gpu", "cpu", "--batch-size", str(BATCH_SIZE[task]),
-                                                          "--ema-decay", "0.9", *FULL_WEIGHT[task], *flags])
+                                                          "--ema-decay", "0.9", *full_weight, *flags])
         for model in (run.student, run.ema_eval.model, run.mean_teacher.model):
             model.to(dtype)   # in place: the optimizer keeps the same parameters
         run.task.mean, run.task.std = run.task.mean.to(dtype), run.task.std.to(dtype)
@@ -448,7 +449,7 @@ def test_compile_trains_like_fp32(monkeypatch):
         for model in (run.student, run.ema_eval.model, run.mean_teacher.model):
             assert getattr(model, "_compiled_call_impl", None) is not None, "model not compiled"
         # compiled in place: the state dict keeps the plain model's names (checkpoints stay loadable)
-        reference = TASKS["aflw"]().build_model()
+        reference = TASKS["aflw"]().build_model(run.args)
         reference.load_state_dict(run.student.state_dict())
     finally:
         torch._dynamo.reset()
@@ -459,10 +460,10 @@ def test_compile_trains_like_fp32(monkeypatch):
 @pytest.mark.parametrize("task", ["cifar10", "aflw"])
 def test_no_flag_means_fp32_contiguous_eager(task, global_rng_restored):
     for method in ("SL", "MT", "L2I-O"):
-        args = finalize(load_script(method).parse_args(["--dataset", task]), method, TASKS, task)
+        args = finalize(load_script(method).parse_args(["--dataset", task]), method, task)
         for flag in SPEED_FLAGS:
             assert getattr(args, flag) is False, (method, flag)
-    args = finalize(common_parser("x").parse_args([]), "MT", TASKS, "cifar10")
+    args = finalize(common_parser("x", "MT", ("cifar10", "aflw")).parse_args([]), "MT", "cifar10")
     assert [getattr(args, f) for f in SPEED_FLAGS] == [False] * 4
 
     def one_step(autocast):
@@ -499,7 +500,7 @@ def test_only_data_on_device_swaps_the_data_loader():
     task.to(CPU)
     dataset = CifarImages(encoded_images(np.arange(16)), np.zeros(16, np.int64), np.arange(16), views=1)
     for argv, kind in (([], DataLoader), (["--data-on-device"], DeviceBatches)):
-        args = finalize(common_parser("x").parse_args(["--batch-size", "8", *argv]), "MT", TASKS, "cifar10")
+        args = finalize(common_parser("x", "MT", ("cifar10", "aflw")).parse_args(["--batch-size", "8", *argv]), "MT", "cifar10")
         assert type(task.train_loader(dataset, args)) is kind, argv
         assert type(task.eval_loader(dataset, args)) is DataLoader   # evaluation keeps the plain loader
 

@@ -17,6 +17,7 @@ import torch
 from dataset.cifar10 import augment, split_indices
 from models.wideresnet import WideResNet
 from utils.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
+from utils.defaults import defaults
 from utils.ema import EvalEMA
 from utils.errors import UserError
 from utils.interleave import interleave, interleave_offsets, interleaved_forward
@@ -41,7 +42,7 @@ def load_script(method):
 def defaults_run(task, method):
     """A ``Run`` built by the engine itself from the task's real defaults for ``method`` (speed flags off,
     as ``utils.options.finalize`` leaves them)."""
-    args = SimpleNamespace(**task.defaults(method), **dict.fromkeys(SPEED_FLAGS, False))
+    args = SimpleNamespace(**defaults(task.name, method), **dict.fromkeys(SPEED_FLAGS, False))
     torch.manual_seed(0)
     return build_run(args, task, torch.device("cpu"))
 
@@ -137,8 +138,8 @@ def test_eval_ema_starts_with_student_parameters_and_fresh_bn_buffers():
 
 
 def test_eval_ema_update_and_student_shrink_on_cifar10_defaults():
-    defaults = Cifar10Task().defaults("MT")
-    assert defaults["lr"] == 0.002 and defaults["ema_shrink"] == 0.02 and defaults["ema_decay"] == 0.999
+    expected = defaults("cifar10", "MT")
+    assert expected["lr"] == 0.002 and expected["ema_shrink"] == 0.02 and expected["ema_decay"] == 0.999
     run = defaults_run(Cifar10Task(), "MT")
     with torch.no_grad():
         for p in run.student.parameters():
@@ -185,7 +186,7 @@ def test_eval_ema_copy_buffers_copies_bn_buffers_only():
 # --- ramp-up of the unsupervised weight (SPEC §B.0.2, §I), at the real defaults -------------------
 
 def weight_at(task, method, epoch=0, iteration=0, step=0):
-    args = SimpleNamespace(**task.defaults(method))
+    args = SimpleNamespace(**defaults(task.name, method))
     run = Run(args=args, task=task, device=torch.device("cpu"), student=None, ema_eval=None, mean_teacher=None,
               optimizer=None, epoch=epoch, iteration=iteration, step=step)
     return run.unsup_weight()
@@ -193,17 +194,17 @@ def weight_at(task, method, epoch=0, iteration=0, step=0):
 
 def test_ramp_defaults_per_task_and_method():
     for method in ("MT", "L2I-O", "L2I-L"):
-        d = Cifar10Task().defaults(method)
+        d = defaults("cifar10", method)
         assert (d["lambda_u"], d["rampup_length"], d["val_iteration"]) == (50.0, pytest.approx(409.6), 1024)
-    d = Cifar10Task().defaults("MM")
+    d = defaults("cifar10", "MM")
     assert (d["lambda_u"], d["rampup_length"]) == (75.0, 16.0)
     for method in ("PL", "MT", "L2I-O", "L2I-L"):
-        d = AflwTask().defaults(method)
+        d = defaults("aflw", method)
         assert (d["lambda_u"], d["rampup_length"]) == (75.0, 9000.0)
 
 
 def test_ramp_values_classification_mt():
-    d = Cifar10Task().defaults("MT")
+    d = defaults("cifar10", "MT")
     assert d["lambda_u"] * linear_rampup(204.8, d["rampup_length"]) == pytest.approx(25.0)
     # e + i/1024 with i = 819: 204.7998… epochs of progress.
     assert weight_at(Cifar10Task(), "MT", epoch=204, iteration=819) == pytest.approx(25.0, abs=1e-3)
@@ -310,7 +311,6 @@ def test_cifar_augmentation_offsets_and_flips():
 
 def test_dataset_inference():
     assert infer_dataset(250) == "cifar10"
-    assert infer_dataset(250.0) == "cifar10"
     assert infer_dataset(0.01) == "aflw"
     assert infer_dataset(-1) == "aflw"
     assert infer_dataset(None) is None
@@ -328,9 +328,9 @@ def test_dataset_inference():
 ])
 def test_default_dataset_and_out_names(method, argv, default_dataset, dataset, out):
     script = load_script(method)
-    args = finalize(script.parse_args(argv + ["--gpu", "cpu"]), script.METHOD, TASKS, default_dataset)
+    args = finalize(script.parse_args(argv + ["--gpu", "cpu"]), script.METHOD, default_dataset)
     assert (args.dataset, args.out, args.method) == (dataset, out, method)
-    assert args.lambda_u == TASKS[dataset]().defaults(method)["lambda_u"]
+    assert args.lambda_u == defaults(dataset, method)["lambda_u"]
 
 
 # --- atomic checkpoints (DESIGN §5) ----------------------------------------------------------------

@@ -19,18 +19,18 @@ import time
 import torch
 import torch.nn.functional as F
 
+from utils.defaults import METHODS
 from utils.options import SPEED_FLAGS, finalize
 from utils.runtime import keep_freed_memory, warn_if_slow_bf16
-from utils.scripts import METHODS, load_script
+from utils.scripts import load_script, script_methods
 from utils.tasks import TASKS, Batch
 from utils.training import build_run
-
-SUPPORTED = {"MM": ("cifar10",)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=script_methods(),
+                   help="the scripts to time (default the six; a copied script such as train-MYVAR.py is MYVAR)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 def make_config(method, task_name, device, script_argv):
     module = load_script(method)
-    args = finalize(module.parse_args(["--dataset", task_name] + script_argv), method, TASKS, task_name)
+    args = finalize(module.parse_args(["--dataset", task_name] + script_argv), module.METHOD, task_name)
     task = TASKS[task_name]()
     task.mean, task.std = torch.full((10,), 30.0, device=device), torch.full((10,), 8.0, device=device)
     run = build_run(args, task, device)
@@ -86,11 +86,13 @@ def timed_iteration(train_step, run, batch):
 
 
 def configurations(opts):
+    """(method, task, meta-grad) for every combination the scripts support."""
+    modules = {method: load_script(method) for method in opts.methods}
     for task in opts.tasks:
-        for method in opts.methods:
-            if task not in SUPPORTED.get(method, TASKS):
+        for method, module in modules.items():
+            if task not in module.DATASETS:
                 continue
-            grads = opts.meta_grad if method.startswith("L2I") else [None]
+            grads = opts.meta_grad if module.BASED_ON.startswith("L2I") else [None]
             for grad in grads:
                 yield method, task, grad
 

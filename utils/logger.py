@@ -34,16 +34,46 @@ def open_writer(folder, first_step):
 
 
 class EpochProgress:
-    """A ``progress`` bar over one epoch's iterations, or nothing with ``--no-progress``."""
+    """How an epoch's progress is shown: a ``progress`` bar that fits an 80-column terminal, or, when stdout
+    is not a terminal (nohup, a log file, a cluster job), a plain line at most every ``PLAIN_EVERY_S``
+    seconds; ``--no-progress`` shows neither. The scripts print one line per finished epoch in every mode.
 
-    def __init__(self, title, total, enabled):
-        self.bar = Bar(title, max=total, file=sys.stdout) if enabled else None
+    ``due`` says when to refresh, so that the caller reads its losses from the device only then.
+    """
+    BAR_REFRESH_S = 0.5
+    PLAIN_EVERY_S = 60.0
+    BAR_WIDTH = 16   # "Epoch 1024/1024 |" + 16 + "| " + the longest suffix fits 80 columns
 
-    def step(self, text):
-        if self.bar is not None:
-            self.bar.suffix = text
-            self.bar.next()
+    def __init__(self, epoch, epochs, total, enabled):
+        self.epoch, self.epochs, self.total = epoch, epochs, total
+        self.mode = None if not enabled else "bar" if sys.stdout.isatty() else "plain"
+        self.bar = (Bar(f"Epoch {epoch}/{epochs}", max=total, width=self.BAR_WIDTH, file=sys.stdout)
+                    if self.mode == "bar" else None)
+        self.last_shown = time.monotonic()
+
+    def due(self, done):
+        """Whether iteration ``done`` (1-based) should be shown: the last one, or enough time has passed."""
+        if self.mode is None:
+            return False
+        interval = self.BAR_REFRESH_S if self.mode == "bar" else self.PLAIN_EVERY_S
+        return done == self.total or time.monotonic() - self.last_shown >= interval
+
+    def show(self, done, seconds_per_iteration, loss):
+        self.last_shown = time.monotonic()
+        eta = _duration(seconds_per_iteration * (self.total - done))
+        if self.mode == "bar":
+            self.bar.suffix = f"{done}/{self.total} {seconds_per_iteration:.3g}s/it loss {loss:.4g} ETA {eta}"
+            self.bar.goto(done)
+        else:
+            print(f"  epoch {self.epoch}/{self.epochs}: iteration {done}/{self.total}, "
+                  f"{seconds_per_iteration:.3g} s each, loss {loss:.4g}, epoch ends in {eta}", flush=True)
 
     def finish(self):
         if self.bar is not None:
             self.bar.finish()
+
+
+def _duration(seconds):
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -11,12 +11,23 @@ reference). Both run the model only through torch.func.functional_call with CLON
 model's BN running statistics and .grad slots are never touched (SPEC §B.0.4, §E.3).
 """
 import contextlib
+import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 
-METHODS = ("exact", "unroll")
+from utils.options import META_GRADS as METHODS
+
+
+@contextlib.contextmanager
+def _quiet_jvp_decompositions():
+    """The first forward-mode AD call of a process makes PyTorch script its JVP decompositions with
+    ``torch.jit.script``, which warns that it is deprecated: PyTorch's own business, and a line every L2I
+    run would print. Only that warning is silenced, only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
 
 
 def _zeros_for_unused(grads, like):
@@ -83,7 +94,7 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
     # Under CPU autocast (--amp) the JVP runs in fp32: forward-mode AD through batch norm with bf16
     # activations and fp32 statistics converts dtypes at every step and takes ~10 bf16 forwards' time.
     precision = torch.autocast("cpu", enabled=False) if unlabeled.device.type == "cpu" else contextlib.nullcontext()
-    with precision, fwAD.dual_level():
+    with precision, _quiet_jvp_decompositions(), fwAD.dual_level():
         duals = {n: fwAD.make_dual(p.detach(), d) for n, p, d in zip(names, params, g)}
         cloned = {n: b.clone() for n, b in constants.items()}
         tangent = fwAD.unpack_dual(functional_call(model, (duals, cloned), (unlabeled,))).tangent
@@ -118,21 +129,6 @@ def label_generator_output(model, inputs):
     """
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     return functional_call(model, (dict(model.named_parameters()), buffers), (inputs,))
-
-
-def add_meta_options(parser, label_step):
-    """The L2I options; their per-task defaults (SPEC §B.3) come from ``utils.tasks``."""
-    group = parser.add_argument_group("L2I meta step (defaults per task, SPEC §B.3)")
-    group.add_argument("--virtual-step", type=float,
-                       help="virtual step size as a multiple of the current lr (CIFAR-10 50 / 100, AFLW 10 / 1)")
-    group.add_argument("--virtual-reduction", choices=("sum", "mean"), help="sum (CIFAR-10) or mean (AFLW)")
-    group.add_argument("--virtual-squash", choices=("none", "tanh"), help="tanh for AFLW L2I-O, else none")
-    group.add_argument("--ema-updates", type=int, choices=(1, 2),
-                       help="EMA-E updates per iteration: 1 (CIFAR-10), 2 = after each optimizer step (AFLW)")
-    group.add_argument("--meta-grad", choices=METHODS,
-                       help="exact first-order meta-gradient (default) or the authors' unrolled double backward")
-    if label_step:
-        group.add_argument("--label-step", type=float, help="gradient step on the imputed labels (1)")
 
 
 def imputed_label_gradient(run, batch, student_out, labels, keep_graph):

@@ -1,13 +1,22 @@
-"""Load a top-level ``train-<METHOD>.py`` as a module (its file name is not importable by ``import``)."""
+"""Find and load the top-level ``train-<METHOD>.py`` scripts (their file names are not importable by ``import``)."""
+import glob
 import importlib.util
 import os
 
+from utils.defaults import METHODS
+from utils.options import method_name
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("SL", "PL", "MT", "MM", "L2I-O", "L2I-L")
 
 
 def script_path(method):
     return os.path.join(REPO, f"train-{method}.py")
+
+
+def script_methods():
+    """The methods of the repository's scripts: the six in their usual order, then copies such as MYVAR."""
+    found = {method_name(path) for path in glob.glob(os.path.join(REPO, "train-*.py"))}
+    return [m for m in METHODS if m in found] + sorted(found - set(METHODS))
 
 
 def load_script(method):

@@ -32,16 +32,14 @@ def full_precision(x):
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
-def meta_defaults(method, virtual_step, reduction, squash_o, ema_updates):
-    """The per-task differences of the L2I meta step (SPEC §B.3), as explicit defaults."""
-    if not method.startswith("L2I"):
-        return {}
-    defaults = dict(virtual_step=virtual_step[method], virtual_reduction=reduction,
-                    virtual_squash=squash_o if method == "L2I-O" else "none", ema_updates=ema_updates,
-                    meta_grad="exact")
-    if method == "L2I-L":
-        defaults["label_step"] = 1.0
-    return defaults
+def _loader(dataset, args, device, **sampling):
+    """A DataLoader with the run's worker processes; on CUDA it pins its batches in page-locked memory, so
+    that the copies to the GPU (``non_blocking``) overlap with computation."""
+    return DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == "cuda", **sampling)
+
+
+def _to(device, *tensors):
+    return [t.to(device, non_blocking=True) for t in tensors]
 
 
 def _sum_by_batch(model, loader, device, per_batch):
@@ -70,16 +68,6 @@ class Cifar10Task:
                "accuracy/train_acc": "train_acc", "accuracy/val_acc": "val_acc", "accuracy/test_acc": "test_acc"}
     train_stats_on_student = False   # "Train Stats" evaluate the reported model (SPEC §F.1)
 
-    def defaults(self, method):
-        lambda_u = {"SL": 0.0, "MM": 75.0}.get(method, 50.0)
-        rampup = {"SL": 0.0, "MM": 1024 / 64}.get(method, 0.4 * 1024)  # in epochs, SPEC §B.0.2
-        return dict(gpu="0", n_labeled=250, data_root="./data", epochs=1024, val_iteration=1024, batch_size=64,
-                    lr=0.002, ema_decay=0.999, ema_shrink=0.02, lambda_u=lambda_u, rampup_length=rampup,
-                    eval_model="ema", manualSeed=0, n_val=5000, workers=0,
-                    **({"alpha": 0.75, "T": 0.5} if method == "MM" else {}),
-                    **meta_defaults(method, virtual_step={"L2I-O": 50.0, "L2I-L": 100.0}, reduction="sum",
-                                    squash_o="none", ema_updates=1))
-
     def load(self, args):
         from dataset.cifar10 import load_cifar10
         self.data = load_cifar10(args.data_root, args.n_labeled, args.n_val)
@@ -88,9 +76,9 @@ class Cifar10Task:
     def to(self, device):
         self.device = device  # where --data-on-device keeps the images
 
-    def build_model(self):
+    def build_model(self, args):
         from models.wideresnet import WideResNet
-        return WideResNet(num_classes=10)
+        return WideResNet(num_classes=10, bn_momentum=args.bn_momentum)
 
     def make_optimizer(self, params, args):
         return torch.optim.Adam(params, lr=args.lr)
@@ -108,20 +96,20 @@ class Cifar10Task:
         if args.data_on_device:
             from dataset.cifar10 import DeviceBatches
             return DeviceBatches(dataset, args.batch_size, self.device)
-        return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                          num_workers=args.workers)
+        return _loader(dataset, args, self.device, batch_size=args.batch_size, shuffle=True, drop_last=True)
 
     def eval_loader(self, dataset, args):
-        return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+        return _loader(dataset, args, self.device, batch_size=args.batch_size, shuffle=False)
 
     def make_batch(self, labeled, unlabeled, meta, device):
-        x_l, y_l = labeled
-        batch = Batch(x_l=x_l.to(device), y_l=self.one_hot(y_l.to(device)))
+        x_l, y_l = _to(device, *labeled)
+        batch = Batch(x_l=x_l, y_l=self.one_hot(y_l))
         if unlabeled is not None:
             (u1, u2), _ = unlabeled
-            batch.u1, batch.u2 = u1.to(device), u2.to(device)
+            batch.u1, batch.u2 = _to(device, u1, u2)
         if meta is not None:
-            batch.x_m, batch.y_m = meta[0].to(device), self.one_hot(meta[1].to(device))
+            x_m, y_m = _to(device, *meta)
+            batch.x_m, batch.y_m = x_m, self.one_hot(y_m)
         return batch
 
     @staticmethod
@@ -169,28 +157,16 @@ class AflwTask:
     train_stats_on_student = True    # SPEC §F.2: "Train Stats" always on the student
     lr_decay_every = 100             # ×0.1 when (epoch + 1) is a multiple of 100 (SPEC §B.2)
 
-    def defaults(self, method):
-        return dict(gpu="0", n_labeled=-1.0 if method == "SL" else 0.01, data_root="./data/aflw_release-2",
-                    epochs=150, val_iteration=150, batch_size=128, lr=0.03, ema_decay=0.999, ema_shrink=0.0,
-                    lambda_u=0.0 if method == "SL" else 75.0, rampup_length=0.0 if method == "SL" else 9000.0,
-                    eval_model="student" if method in ("SL", "L2I-L") else "ema", manualSeed=0,
-                    workers=16 if method in ("PL", "MT") else 8,
-                    **meta_defaults(method, virtual_step={"L2I-O": 10.0, "L2I-L": 1.0}, reduction="mean",
-                                    squash_o="tanh", ema_updates=2))
-
     def load(self, args):
         from dataset.aflw import load_aflw
-        if args.data_on_device:
-            raise UserError("--data-on-device is for cifar10; AFLW's per-sample work is already a cached slice")
-        if args.n_val is not None:
-            raise UserError("--n-val applies to cifar10 only; AFLW holds out the last 10 % of its train list")
         self.data = load_aflw(args.data_root, args.n_labeled)
         return self.data
 
     def to(self, device):
+        self.device = device
         self.mean, self.std = self.data.target_mean.to(device), self.data.target_std.to(device)
 
-    def build_model(self):
+    def build_model(self, args):
         from models.tcdcnn import TCDCNN
         return TCDCNN()
 
@@ -206,22 +182,22 @@ class AflwTask:
     def train_loader(self, dataset, args):
         from dataset.aflw import RepeatPermutationSampler
         sampler = RepeatPermutationSampler(len(dataset), args.val_iteration * args.batch_size)
-        return DataLoader(dataset, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
-                          num_workers=args.workers, persistent_workers=False)
+        return _loader(dataset, args, self.device,
+                       batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True))
 
     def eval_loader(self, dataset, args):
-        return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+        return _loader(dataset, args, self.device, batch_size=args.batch_size, shuffle=False)
 
     def make_batch(self, labeled, unlabeled, meta, device):
         from utils.landmarks import normalise
-        x_l, y_l = labeled
-        batch = Batch(x_l=x_l.to(device), y_l=normalise(y_l.to(device), self.mean, self.std))
+        x_l, y_l = _to(device, *labeled)
+        batch = Batch(x_l=x_l, y_l=normalise(y_l, self.mean, self.std))
         if unlabeled is not None:
-            u1, dx1, dy1, u2, dx2, dy2 = unlabeled
-            batch.u1, batch.u2 = u1.to(device), u2.to(device)
-            batch.shift = tuple(d.to(device) for d in (dx1, dy1, dx2, dy2))
+            u1, dx1, dy1, u2, dx2, dy2 = _to(device, *unlabeled)
+            batch.u1, batch.u2, batch.shift = u1, u2, (dx1, dy1, dx2, dy2)
         if meta is not None:
-            batch.x_m, batch.y_m = meta[0].to(device), normalise(meta[1].to(device), self.mean, self.std)
+            x_m, y_m = _to(device, *meta)
+            batch.x_m, batch.y_m = x_m, normalise(y_m, self.mean, self.std)
         return batch
 
     def supervised_loss(self, outputs, targets):

@@ -11,18 +11,19 @@ import platform
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
 import torchvision
 
 from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from utils.defaults import data_workers
 from utils.ema import EvalEMA, MeanTeacher
 from utils.errors import UserError
 from utils.logger import EpochProgress, open_writer, write_log
-from utils.options import RESUME_OVERRIDES, finalize
+from utils.options import RESUME_OVERRIDES, fail, finalize, normalised_path
 from utils.runtime import (keep_freed_memory, rng_state, seed_everything, select_device, set_rng_state,
                            warn_if_slow_bf16)
 from utils.schedules import linear_rampup
@@ -87,8 +88,7 @@ def run_script(method, parse_args, train_step, argv=None, datasets=("cifar10", "
     try:
         train(method, parse_args(argv), train_step, datasets, unlabeled_batches, meta_batches)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc)
 
 
 # ----------------------------------------------------------------------------- options and run folder
@@ -100,13 +100,15 @@ def resolve_args(method, args, datasets):
         state = load_checkpoint(path)
         saved = state["args"]
         if saved.get("method") != method:
-            raise UserError(f"{path} was written by train-{saved.get('method')}.py, not train-{method}.py")
-        for key, value in vars(args).items():
-            if value is not None and key not in RESUME_OVERRIDES and value != saved.get(key):
+            raise UserError(f"{path} is a run of the method {saved.get('method')} (train-{saved.get('method')}.py), "
+                            f"not of {method}; resume it with its own script")
+        given = {key: value for key, value in vars(args).items() if value is not None and key != "based_on"}
+        for key, value in given.items():
+            if key not in RESUME_OVERRIDES and not same_option(key, value, saved.get(key)):
                 raise UserError(f"--{key.replace('_', '-')} {value} differs from the run being resumed "
                                 f"({saved.get(key)}); a resumed run keeps its options")
         folder = os.path.dirname(os.path.abspath(path))
-        if args.out is not None and os.path.abspath(args.out) != folder:
+        if args.out is not None and normalised_path(args.out) != folder:
             raise UserError(f"--out {args.out} differs from the folder of the resumed checkpoint ({folder})")
         resolved = dict(saved, out=folder, resume=path)
         for key in ("epochs", "gpu", "workers"):
@@ -114,9 +116,10 @@ def resolve_args(method, args, datasets):
                 resolved[key] = getattr(args, key)
         resolved["no_progress"] = bool(args.no_progress)
         args = type(args)(**resolved)
+        args.given = sorted(given)
     else:
         state = None
-        args = finalize(args, method, TASKS, default_dataset=datasets[0])
+        args = finalize(args, method, default_dataset=datasets[0])
         if os.path.isdir(args.out) and os.listdir(args.out):
             raise UserError(f"run folder {args.out} already exists and is not empty; choose another --out, "
                             f"or continue that run with --resume {args.out}")
@@ -125,12 +128,14 @@ def resolve_args(method, args, datasets):
     if state is not None and state["epoch"] >= args.epochs:
         raise UserError(f"{args.resume} has already trained {state['epoch']} of --epochs {args.epochs}; "
                         f"pass a larger --epochs to continue it")
-    if args.dataset not in datasets:
-        raise UserError(f"train-{method}.py does not support --dataset {args.dataset} "
-                        f"(supported: {', '.join(datasets)})")
-    if args.epochs < 1 or args.val_iteration < 1 or args.batch_size < 1:
-        raise UserError("--epochs, --val-iteration and --batch-size must be at least 1")
     return args, state
+
+
+def same_option(key, given, saved):
+    """Paths name the same folder however they are written (trailing slash, relative or absolute)."""
+    if key == "data_root" and saved is not None:
+        return normalised_path(given) == normalised_path(saved)
+    return given == saved
 
 
 def _git_commit():
@@ -149,19 +154,40 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def options_record(args):
+def options_record(args, earlier):
+    """``args.json``: every resolved option, library versions, and how the run was started and resumed.
+
+    ``earlier`` is the record of the attempt being resumed (None for a new run): its command, commit and
+    start time are kept, and this attempt is appended to its ``resumes``.
+    """
     record = {k: v for k, v in vars(args).items() if k not in ("given", "split")}  # split: split.json
     record["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
                           "torchvision": torchvision.__version__, "numpy": np.__version__}
-    record["git_commit"] = _git_commit()
-    record["command"] = " ".join(sys.argv)
+    attempt = {"command": " ".join(sys.argv), "git_commit": _git_commit(),
+               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if earlier is None:
+        record.update(command=attempt["command"], git_commit=attempt["git_commit"], started=attempt["time"],
+                      resumes=[])
+    else:
+        record.update({key: earlier.get(key) for key in ("command", "git_commit", "started")},
+                      resumes=list(earlier.get("resumes", [])) + [attempt])
     return record
+
+
+def earlier_record(folder):
+    """The run's ``args.json`` as written by its earlier attempts; {} if it is missing or unreadable."""
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 # ----------------------------------------------------------------------------- the run
 
 def build_run(args, task, device):
-    student = task.build_model().to(device)
+    student = task.build_model(args).to(device)
     student.train()
     if args.channels_last:  # convolutions then keep activations channels-last too
         student.to(memory_format=torch.channels_last)
@@ -204,6 +230,7 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
         warn_if_slow_bf16(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the authors; GPU runs are not bit-reproducible anyway
+    choose_workers(args, device, resuming=state is not None)
     seed_everything(args.manualSeed)
     data = task.load(args)
     if state is not None and state["args"].get("split") != data.split:
@@ -215,7 +242,7 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
     loaders = {"labeled": task.train_loader(data.labeled, args)}
     if unlabeled_batches:
         loaders["unlabeled"] = task.train_loader(data.unlabeled, args)
-    if meta_batches:  # a second, independently shuffled stream over the labeled set (SPEC §B.0.6)
+    if meta_batches:  # a second, independently shuffled stream over the labeled set (docs/method.md §2.6)
         loaders["meta"] = task.train_loader(data.labeled, args)
     eval_loaders = {"val": task.eval_loader(data.val, args), "test": task.eval_loader(data.test, args)}
 
@@ -228,8 +255,9 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
         restore_run(run, state)
         history, best, wall_time = state["history"], state["best"], state["wall_time"]
         write_task_log(args.out, task, history)  # drop rows of an epoch the checkpoint does not hold
-    write_json(os.path.join(args.out, "args.json"), options_record(args))
-    print(f"train-{method}.py on {args.dataset}, {args.n_labeled:g} labels, {device}; "
+    earlier = None if state is None else earlier_record(args.out)
+    write_json(os.path.join(args.out, "args.json"), options_record(args, earlier))
+    print(f"{method} on {args.dataset}, {args.n_labeled:g} labels, {device}; "
           f"{sum(p.numel() for p in run.student.parameters()) / 1e6:.2f}M parameters; run folder {args.out}")
 
     samples_per_epoch = args.batch_size * args.val_iteration
@@ -246,8 +274,7 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
             write_task_log(args.out, task, history)
             log_scalars(writer, task, epoch_record, samples_per_epoch * run.epoch)
             save_checkpoint(run_state(run, history, best, wall_time + time.time() - started), args.out, is_best)
-            if args.no_progress:
-                print(epoch_line(task, run.epoch, args.epochs, epoch_record), flush=True)
+            print(epoch_line(task, run.epoch, args.epochs, epoch_record), flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted in epoch {run.epoch + 1}; the checkpoint after epoch {run.epoch} is kept "
               f"(work in the unfinished epoch is dropped, so a resumed run is exact): "
@@ -261,6 +288,16 @@ def train(method, args, train_step, datasets, unlabeled_batches, meta_batches):
     summary = summarize(task, history, wall_time + time.time() - started, args)
     write_json(os.path.join(args.out, "summary.json"), summary)
     print_summary(summary)
+
+
+def choose_workers(args, device, resuming):
+    """Data-loader workers per loader (``utils.defaults.data_workers``), recorded in args.json as used.
+    A number the user gave (or the run being resumed used) is lowered to this machine's CPUs, with a note."""
+    explicit = resuming or "workers" in args.given
+    workers = data_workers(args.workers, explicit, args.dataset, device.type == "cuda")
+    if explicit and workers < args.workers:
+        print(f"note: --workers {args.workers} lowered to {workers}, the CPUs this process may use", file=sys.stderr)
+    args.workers = workers
 
 
 def train_and_evaluate_epoch(run, loaders, eval_loaders, train_step):
@@ -286,36 +323,61 @@ def train_and_evaluate_epoch(run, loaders, eval_loaders, train_step):
 
 
 def train_epoch(run, loaders, train_step):
+    """``val_iteration`` training iterations; returns the epoch's mean losses."""
+    args = run.args
     streams = {name: Restarting(loader) for name, loader in loaders.items()}
-    sums = defaultdict(float)
-    progress = EpochProgress(f"Epoch {run.epoch + 1}/{run.args.epochs}", run.args.val_iteration,
-                             enabled=not run.args.no_progress)
+    losses = EpochLosses(run.epoch, args.val_iteration)
+    progress = EpochProgress(run.epoch + 1, args.epochs, args.val_iteration, enabled=not args.no_progress)
     data_time = step_time = 0.0
-    for run.iteration in range(run.args.val_iteration):
+    for run.iteration in range(args.val_iteration):
         tick = time.perf_counter()
         labeled, unlabeled, meta = (streams[name].next() if name in streams else None
                                     for name in ("labeled", "unlabeled", "meta"))
         batch = run.task.make_batch(labeled, unlabeled, meta, run.device)
         loaded = time.perf_counter()
         with run.autocast():
-            losses = {k: float(v) for k, v in train_step(run, batch).items()}
-        if not math.isfinite(losses["loss"]):
-            raise NonFiniteLoss(f"the training loss became {losses['loss']} in epoch {run.epoch + 1}, "
-                                f"iteration {run.iteration + 1}")
+            losses.add(run.iteration, train_step(run, batch))
         run.step += 1
-        for k, v in losses.items():
-            sums[k] += v
         data_time += loaded - tick
         step_time += time.perf_counter() - tick
-        n = run.iteration + 1
-        progress.step(f"({n}/{run.args.val_iteration}) Data: {data_time / n:.3f}s | Batch: {step_time / n:.3f}s | "
-                      + " | ".join(f"{k}: {v / n:.4f}" for k, v in sums.items())
-                      + f" | W: {run.unsup_weight():.3f}")
+        done = run.iteration + 1
+        if progress.due(done):
+            progress.show(done, step_time / done, losses.means(done)["loss"])
+    means = losses.means(args.val_iteration)
     progress.finish()
-    if run.args.no_progress:
-        print(f"  {step_time / n:.3f} s per iteration, of which data loading "
-              f"{data_time / n:.3f} s ({100 * data_time / step_time:.1f} %)", flush=True)
-    return {k: v / run.args.val_iteration for k, v in sums.items()}
+    print(f"  {step_time / done:.3f} s per iteration, of which data loading "
+          f"{data_time / done:.3f} s ({100 * data_time / step_time:.1f} %)", flush=True)
+    return means
+
+
+class EpochLosses:
+    """Each iteration's losses, left on the device that computed them and read only when shown (at a
+    progress refresh and at the end of the epoch): on a GPU, reading a loss every iteration would make
+    the CPU wait for the GPU each time. A non-finite total loss is reported with its exact iteration."""
+
+    def __init__(self, epoch, iterations):
+        self.epoch, self.iterations = epoch, iterations
+        self.values = None   # name → float64 tensor with one entry per iteration
+
+    def add(self, iteration, losses):
+        if self.values is None:
+            device = losses["loss"].device
+            self.values = {name: torch.empty(self.iterations, dtype=torch.float64, device=device)
+                           for name in losses}
+        with torch.no_grad():
+            for name, value in losses.items():
+                self.values[name][iteration] = value
+
+    def means(self, done):
+        """Means over the first ``done`` iterations; ``NonFiniteLoss`` names the first non-finite one."""
+        names = list(self.values)
+        rows = torch.stack([self.values[name][:done] for name in names]).tolist()  # one device→host copy
+        totals = rows[names.index("loss")]
+        bad = next((i for i, value in enumerate(totals) if not math.isfinite(value)), None)
+        if bad is not None:
+            raise NonFiniteLoss(f"the training loss became {totals[bad]} in epoch {self.epoch + 1}, "
+                                f"iteration {bad + 1}")
+        return {name: sum(row) / done for name, row in zip(names, rows)}
 
 
 # ----------------------------------------------------------------------------- bookkeeping
