@@ -1,4 +1,4 @@
-"""L2I-L: Mean Teacher + imputed labels as Learnable tensors (SPEC §B.1.4 on CIFAR-10, §B.2.5 on AFLW).
+"""L2I-L: Mean Teacher + imputed labels as Learnable tensors (docs/method.md §3.4 on CIFAR-10, §4.5 on AFLW).
 
 Each iteration first does an ordinary MT update. Then the current student's output on view 2 is taken
 as a free tensor of imputed labels r; a virtual gradient step of the student on the consistency loss
@@ -36,13 +36,13 @@ def train_step(run, batch):
     task, args = run.task, run.args
     # 1-4. MT update: the mean teacher labels view 2; L_x + w·L_u; optimizer step #1 (utils/steps.py).
     losses = consistency_update(run, batch, labeler=run.mean_teacher.model)
-    if args.ema_updates == 2:  # AFLW: EMA-E after each optimizer step (SPEC §B.2.5 step 4)
+    if args.ema_updates == 2:  # AFLW: EMA-E after each optimizer step (docs/method.md §4.5 step 4)
         run.ema_eval.update(run.student)
     run.optimizer.zero_grad(set_to_none=True)
     # 5. Imputed labels r: the current student's output on view 2, detached (no path back to φ).
     with torch.no_grad():
         labels = label_generator_output(run.student, batch.u2)
-    # 6. The student on view 1: an extra, non-interleaved forward (SPEC §H.3 28).
+    # 6. The student on view 1: an extra, non-interleaved forward (docs/faithfulness.md §1.7).
     student_out = run.student(batch.u1)
     # 7-8. dM(θ')/dr with θ' = θ - η·∇θ V(o, r), η = virtual-step × current lr (utils/meta.py). Its view-1
     # graph is kept: the refinement loss (step 10) back-propagates through it again.

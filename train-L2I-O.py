@@ -1,4 +1,4 @@
-"""L2I-O: Mean Teacher + imputed labels as the Output of a network (SPEC §B.1.3 on CIFAR-10, §B.2.4 on AFLW).
+"""L2I-O: Mean Teacher + imputed labels as the Output of a network (docs/method.md §3.3 on CIFAR-10, §4.4 on AFLW).
 
 Each iteration first does an ordinary MT update. Then the current student, used as a label generator
 on view 2, imputes labels z; a virtual gradient step of the student on the consistency loss V(o, z)
@@ -34,12 +34,12 @@ def train_step(run, batch):
     args = run.args
     # 1-4. MT update: the mean teacher labels view 2; L_x + w·L_u; optimizer step #1 (utils/steps.py).
     losses = consistency_update(run, batch, labeler=run.mean_teacher.model)
-    if args.ema_updates == 2:  # AFLW: EMA-E after each optimizer step (SPEC §B.2.4 step 4)
+    if args.ema_updates == 2:  # AFLW: EMA-E after each optimizer step (docs/method.md §4.4 step 4)
         run.ema_eval.update(run.student)
     run.optimizer.zero_grad(set_to_none=True)
     # 5-6. Label generator φ = the current student on view 2 (BN batch statistics, buffers untouched).
     labels = label_generator_output(run.student, batch.u2)
-    # 7. The student on view 1: an extra, non-interleaved forward (SPEC §H.3 28).
+    # 7. The student on view 1: an extra, non-interleaved forward (docs/faithfulness.md §1.7).
     student_out = run.student(batch.u1)
     # 8-11. dM(θ')/dz with θ' = θ - η·∇θ V(o, z), η = virtual-step × current lr (utils/meta.py). The view-1
     # graph is not needed afterwards, so it is freed as soon as the virtual step has used it.

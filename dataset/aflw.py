@@ -1,16 +1,16 @@
-"""Reader of the IMM AFLW release ``aflw_release-2`` and the L2I labeled/unlabeled split (SPEC §D.2).
+"""Reader of the IMM AFLW release ``aflw_release-2`` and the L2I labeled/unlabeled split (docs/data.md §2).
 
 Layout under ``root``: ``aflw_{train,test}_images.txt`` (one path per line, relative to ``output/``),
 ``aflw_{train,test}_keypoints.mat`` (``gt``: N×5×2 keypoints stored (y, x)), ``output/<subdir>/*.jpg``.
 
 Every image is decoded once at start-up (RGB → 60×60 bilinear → grayscale "L", uint8) and kept in
-memory (≈47 MB for the full release). The SPEC converts to grayscale *after* the random translation;
+memory (≈47 MB for the full release). The authors convert to grayscale *after* the random translation;
 caching the grayscale image is exact because the reflect translation only permutes pixels and "L" is a
 per-pixel map, so the two commute. Decoding up front also means a corrupt image stops the run at
 start-up rather than mid-training, and leaves DataLoader workers with nothing but cheap array slicing.
 
 Augmentation offsets come from numpy's global RNG: the training script seeds it in the main process
-and PyTorch seeds it per DataLoader worker (SPEC §H.1 item 10), so runs are deterministic given the seed.
+and PyTorch seeds it per DataLoader worker (docs/faithfulness.md §2.10), so runs are deterministic given the seed.
 """
 import math
 import os
@@ -40,7 +40,7 @@ _MAT_READ_ERRORS = (scipy.io.matlab.MatReadError, ValueError, IndexError, TypeEr
 
 @dataclass
 class AflwData:
-    """Everything a training script needs from AFLW (SPEC §D.2).
+    """Everything a training script needs from AFLW (docs/data.md §2).
 
     ``labeled`` also serves as the L2I meta set (give it a second, independent loader).
     ``split`` holds line indices into ``aflw_train_images.txt`` (``"labeled"``, ``"unlabeled"``,
@@ -68,7 +68,7 @@ class AflwImages:
 
 
 class AflwLabeled(Dataset):
-    """``(image 1×60×60 in [0, 1], target (10,) pixels)``; random translation optional (SPEC §D.2)."""
+    """``(image 1×60×60 in [0, 1], target (10,) pixels)``; random translation optional (docs/data.md §2.4)."""
 
     def __init__(self, store, indices, translate):
         self.store = store
@@ -85,7 +85,7 @@ class AflwLabeled(Dataset):
 
 
 class AflwUnlabeled(Dataset):
-    """``(view1, dx1, dy1, view2, dx2, dy2)``: two independent translations of one image (SPEC §D.2)."""
+    """``(view1, dx1, dy1, view2, dx2, dy2)``: two independent translations of one image (docs/data.md §2.4)."""
 
     def __init__(self, store, indices):
         self.store = store
@@ -107,7 +107,7 @@ class AflwUnlabeled(Dataset):
 class RepeatPermutationSampler(Sampler):
     """``num_samples`` indices from ``range(n)``: whole fresh permutations, then part of one more.
 
-    SPEC §B.0.6 (re-implemented: the authors' version needs the removed ``torch._six``, §H.1 item 2).
+    docs/method.md §2.6 (re-implemented: the authors' version needs the removed ``torch._six``, docs/faithfulness.md §2.2).
     Every index appears ⌊M/n⌋ or ⌊M/n⌋+1 times; a new draw from torch's RNG at every ``__iter__``.
     """
 
@@ -135,7 +135,7 @@ def random_offset():
 
 
 def translate_reflect(image, dx, dy):
-    """Shift an H×W array so that output pixel (u, v) shows input (u − dx, v − dy) (SPEC §D.2).
+    """Shift an H×W array so that output pixel (u, v) shows input (u − dx, v − dy) (docs/data.md §2.4 step 3).
 
     The authors fill the border with mirrored (flipped) copies of the image, i.e. the edge pixel is
     repeated — numpy's ``"symmetric"`` padding, not ``"reflect"``.
@@ -159,7 +159,7 @@ def translated_sample(store, i, dx, dy):
 
 
 def load_aflw(root, n_labeled, rng_generator=None):
-    """Check and load the release at ``root`` and draw the labeled subset (SPEC §D.2).
+    """Check and load the release at ``root`` and draw the labeled subset (docs/data.md §2).
 
     ``n_labeled``: -1 → all training images (no permutation drawn); 0 < v < 1 → fraction,
     ``round(N_train·v)`` half-to-even; v ≥ 1 → integer count. Otherwise one
@@ -203,7 +203,7 @@ def draw_split(n_labeled, n_train, rng_generator=None):
 
 
 def labeled_count(n_labeled, n_train):
-    """Labeled-image count for ``--n-labeled`` (None = all, no permutation); SPEC §D.2, §H.2 item 16."""
+    """Labeled-image count for ``--n-labeled`` (None = all, no permutation); docs/data.md §2.3, docs/faithfulness.md §2.16."""
     value = float(n_labeled)
     usage = (f"use -1 (all {n_train} training images), a fraction in (0, 1), "
              f"or a whole count from 2 to {n_train}")
@@ -219,7 +219,7 @@ def labeled_count(n_labeled, n_train):
         what = f"asks for {count} labeled image(s)"
     else:
         raise UserError(f"--n-labeled {value:g} is not a whole count: {usage}")
-    # Two images at least: the target std (SPEC §D.2) is undefined for one.
+    # Two images at least: the target std (docs/data.md §2.5) is undefined for one.
     if not 2 <= count <= n_train:
         raise UserError(f"--n-labeled {value:g} {what}: {usage}")
     return count
@@ -275,7 +275,7 @@ def decode_list(root, paths, gt):
 
 
 def decode_image(root, relative_path):
-    """SPEC §D.2 steps 1, 2, 4: RGB, remember (w, h), bilinear resize to 60×60, grayscale "L"."""
+    """docs/data.md §2.4 steps 1, 2, 4: RGB, remember (w, h), bilinear resize to 60×60, grayscale "L"."""
     path = root / "output" / relative_path
     try:
         with Image.open(path) as image:

@@ -1,4 +1,4 @@
-"""CIFAR-10: torchvision's files, the labeled/unlabeled/validation split and the augmentation of SPEC §D.1.
+"""CIFAR-10: torchvision's files, the labeled/unlabeled/validation split and the augmentation of docs/data.md §1.
 
 The split and all augmentation randomness use numpy's global RNG, as the authors' code does, so that
 ``--manualSeed`` fixes the split and (with ``--workers 0``, the default) the augmentation stream.
@@ -72,7 +72,7 @@ def labeled_count(n_labeled, pool_size):
 
 
 def split_indices(labels, n_labeled, n_val):
-    """SPEC §D.1 split; consumes numpy's global RNG exactly like the authors' code.
+    """docs/data.md §1.2 split; consumes numpy's global RNG exactly like the authors' code.
 
     Per class: shuffle its indices; the first n_labeled/10 are labeled, the last n_val/10 validation,
     the rest unlabeled. ``n_labeled == -1`` marks every non-validation image labeled, and the unlabeled
@@ -99,7 +99,7 @@ def split_indices(labels, n_labeled, n_val):
         unlabeled.extend(train_part[per_class:])
         validation.extend(idxs[-val_per_class:])
         # The authors also build two unused halves of the labeled set; their shuffles below consume
-        # RNG draws, so we keep them to keep the numpy stream the same (SPEC §D.1).
+        # RNG draws, so we keep them to keep the numpy stream the same (docs/data.md §1).
         unused_a.extend(train_part[:per_class // 2 + 1])
         unused_b.extend(train_part[per_class // 2 + 1:per_class])
     if per_class == len(train_part):  # --n-labeled -1: no image is left out of the labeled set

@@ -1,8 +1,8 @@
-"""TCDCNN, the L2I authors' AFLW landmark network (SPEC §E.2).
+"""TCDCNN, the L2I authors' AFLW landmark network (docs/models.md §2).
 
 Input N×1×60×60 grayscale in [0, 1], output N×10 normalised coordinates ``[x0,y0,…,x4,y4]``.
 Kept as in the authors' code: HardTanh (not tanh) after every conv, no activation between the two
-linear layers, default PyTorch init everywhere (SPEC §H.3 item 29). The authors' dropout (p = 0.5)
+linear layers, default PyTorch init everywhere (docs/faithfulness.md §1.8). The authors' dropout (p = 0.5)
 is only applied behind an "unlabeled" flag that no script ever sets, so it is left out entirely;
 without BN or dropout, train and eval mode compute the same function. 285 586 parameters.
 """

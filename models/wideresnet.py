@@ -1,4 +1,4 @@
-"""WRN-28-2 exactly as the L2I authors' CIFAR-10 network (SPEC §E.1).
+"""WRN-28-2 exactly as the L2I authors' CIFAR-10 network (docs/models.md §1).
 
 Deviations from the textbook WRN that the authors' code has, and that we keep for parity:
 * every block convolution (3x3 and the 1x1 projection) has a bias;

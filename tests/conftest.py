@@ -1,4 +1,4 @@
-"""Session-wide fixture datasets, written once in the real on-disk formats (DESIGN.md §7)."""
+"""Session-wide fixture datasets, written once in the real on-disk formats (dataset/synthetic.py)."""
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
 """AFLW pieces: TCDCNN, landmark maths, the IMM release reader and the repeat-permutation sampler.
 
-Pins the facts of SPEC §I for regression and the data rules of SPEC §D.2 on a tiny generated release.
+Pins the AFLW facts of docs/ (network size, shift compensation, sampler counts, metrics) and the data rules of
+docs/data.md §2 on a tiny generated release.
 """
 from collections import Counter
 
@@ -39,7 +40,7 @@ def untranslated(dataset, k):
     return dataset.store.images[i], dataset.store.targets[i]
 
 
-# --- TCDCNN (SPEC §E.2) ---------------------------------------------------------------------------
+# --- TCDCNN (docs/models.md §2) ---------------------------------------------------------------------------
 
 def test_tcdcnn_has_paper_parameter_count_and_output_shape():
     model = TCDCNN()
@@ -47,7 +48,7 @@ def test_tcdcnn_has_paper_parameter_count_and_output_shape():
     assert model(torch.rand(3, 1, 60, 60)).shape == (3, 10)
 
 
-# --- translation and per-sample pipeline (SPEC §D.2) ----------------------------------------------
+# --- translation and per-sample pipeline (docs/data.md §2) ----------------------------------------------
 
 def mirror(index, size):
     """Input index shown at an out-of-range position when borders are mirrored copies."""
@@ -112,7 +113,7 @@ def test_unlabeled_views_draw_view2_offsets_first(data):
 
 
 def test_shift_compensation_maps_exact_view2_truth_to_view1_truth(data):
-    """SPEC §I: S(n(ground truth of view 2)) = n(ground truth of view 1), through real samples."""
+    """docs/method.md §2.5: S(n(ground truth of view 2)) = n(ground truth of view 1), through real samples."""
     np.random.seed(11)
     batch = [data.unlabeled[k] for k in range(8)]
     dx1, dy1, dx2, dy2 = (torch.tensor([item[j] for item in batch]) for j in (1, 2, 4, 5))
@@ -133,7 +134,7 @@ def test_shift_compensation_is_differentiable_with_scaled_identity_jacobian():
     torch.testing.assert_close(v2.grad, torch.ones(2, 10))
 
 
-# --- repeat-permutation sampler (SPEC §B.0.6) -----------------------------------------------------
+# --- repeat-permutation sampler (docs/method.md §2.6) -----------------------------------------------------
 
 def test_repeat_permutation_sampler_counts_and_length():
     torch.manual_seed(0)
@@ -148,7 +149,7 @@ def test_repeat_permutation_sampler_counts_and_length():
     assert list(sampler) != indices                                 # fresh draw per epoch
 
 
-# --- metrics (SPEC §F.2) --------------------------------------------------------------------------
+# --- metrics (docs/evaluation.md §2) --------------------------------------------------------------------------
 
 def face_targets(n, dtype=torch.float64):
     torch.manual_seed(1)
@@ -181,7 +182,7 @@ def test_failure_is_strictly_above_one_tenth(dtype):
     assert mean_error_and_failure_rate(above, target)[1] == 1.0
 
 
-# --- split and statistics (SPEC §D.2) -------------------------------------------------------------
+# --- split and statistics (docs/data.md §2) -------------------------------------------------------------
 
 @pytest.mark.parametrize("n_labeled, expected", [
     (0.25, 9),        # round(36 · 0.25)

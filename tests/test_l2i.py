@@ -1,11 +1,11 @@
-"""The L2I training scripts, train-L2I-O.py and train-L2I-L.py (SPEC §A.1, §B.0–§B.4, §H.3, §I; DESIGN §3).
+"""The L2I training scripts, train-L2I-O.py and train-L2I-L.py (docs/method.md §1–§5, docs/faithfulness.md §1).
 
 * One full iteration of each script's ``train_step`` (CIFAR-10 and AFLW, L2I-O and L2I-L) equals an
-  independent, literal re-implementation of SPEC §B.1.3, §B.1.4, §B.2.4 and §B.2.5 written below (the
+  independent, literal re-implementation of docs/method.md §3.3, §3.4, §4.4 and §4.5 written below (the
   authors' unrolled route: deepcopy label generator, create_graph, functional forward at θ' with cloned
   buffers, backward through the backward), in float64. It does NOT use utils/meta.py.
 * ``--meta-grad exact`` and ``unroll`` give the same training step (float32, real WRN-28-2 / TCDCNN).
-* BN side effects (SPEC §B.0.4, §H.3 28), the zero virtual step, the SPEC §I facts on the functional
+* BN side effects (docs/method.md §2.4, docs/faithfulness.md §1.7), the zero virtual step, the facts of docs/method.md §2.4 and §5.2 on the functional
   forward and the non-zero meta-gradient, and end-to-end runs through the command line.
 
 utils/meta.py's own exact-vs-unroll-vs-finite-difference tests live in tests/test_meta.py.
@@ -40,11 +40,11 @@ CONFIGS = [("L2I-O", "cifar10"), ("L2I-L", "cifar10"), ("L2I-O", "aflw"), ("L2I-
 CONFIG_IDS = [f"{task}-{method}" for method, task in CONFIGS]
 # Counters at which the tested iteration runs, chosen so that nothing degenerates: a non-zero, not yet
 # saturated unsupervised weight (CIFAR: epoch 100 → w ≈ 12.2; AFLW: t = 600 → w = 5) and a mean-teacher
-# decay strictly between 0 and 0.999 (SPEC §B.0.1, §B.0.2).
+# decay strictly between 0 and 0.999 (docs/method.md §2.1, §2.2).
 COUNTERS = {"cifar10": dict(epoch=100, iteration=3, step=6), "aflw": dict(epoch=0, iteration=3, step=600)}
 # AFLW runs at the decayed lr 0.003 (0-based epochs 99-149): the virtual step must follow the CURRENT lr.
 AFLW_LR = 0.003
-# DEAD_BN: the four WRN tensors that never receive a gradient (SPEC §E.1).
+# DEAD_BN: the four WRN tensors that never receive a gradient (docs/models.md §1).
 DEAD_BN = {f"block{s}.layer.0.bn1.{k}" for s in (2, 3) for k in ("weight", "bias")}
 
 
@@ -107,10 +107,10 @@ def primed_run(method, task_name, dtype):
 
 
 # ============================================================================ the independent reference
-# Straight from SPEC §B.1.1/§B.1.3/§B.1.4 (CIFAR-10) and §B.2.3/§B.2.4/§B.2.5 (AFLW). Own code only.
+# Straight from docs/method.md §3.1/§3.3/§3.4 (CIFAR-10) and §4.3/§4.4/§4.5 (AFLW). Own code only.
 
 def ref_ema_eval(run, shrink):
-    """EMA-E: Ē ← 0.999·Ē + 0.001·θ; CIFAR-10 also shrinks the student by 1 − 0.02·0.002 (SPEC §B.0.1)."""
+    """EMA-E: Ē ← 0.999·Ē + 0.001·θ; CIFAR-10 also shrinks the student by 1 − 0.02·0.002 (docs/method.md §2.1)."""
     with torch.no_grad():
         for ema, theta in zip(run.ema_eval.model.parameters(), run.student.parameters()):
             ema.mul_(0.999).add_(0.001 * theta)
@@ -120,7 +120,7 @@ def ref_ema_eval(run, shrink):
 
 
 def ref_mean_teacher(run):
-    """EMA-T: β_t = min(1 − 1/(t+1), 0.999); T ← β_t·T + (1 − β_t)·θ (SPEC §B.0.1)."""
+    """EMA-T: β_t = min(1 − 1/(t+1), 0.999); T ← β_t·T + (1 − β_t)·θ (docs/method.md §2.1)."""
     beta = min(1.0 - 1.0 / (run.step + 1), 0.999)
     with torch.no_grad():
         for teacher, theta in zip(run.mean_teacher.model.parameters(), run.student.parameters()):
@@ -128,11 +128,11 @@ def ref_mean_teacher(run):
 
 
 def ref_cifar_mt_part(run, batch):
-    """SPEC §B.1.1 steps 1-4: teacher targets, 2-way interleaved student, L_x + w·L_u, Adam step #1."""
+    """docs/method.md §3.1 steps 1-4: teacher targets, 2-way interleaved student, L_x + w·L_u, Adam step #1."""
     student, optimizer = run.student, run.optimizer
     with torch.no_grad():
         q = torch.softmax(run.mean_teacher.model(batch.u2), dim=1)     # teacher in train mode
-    h = len(batch.x_l) // 2                                            # groups [B/2, B/2] (SPEC §B.0.3)
+    h = len(batch.x_l) // 2                                            # groups [B/2, B/2] (docs/method.md §2.3)
     out_a = student(torch.cat([batch.x_l[:h], batch.u1[h:]]))
     out_b = student(torch.cat([batch.u1[:h], batch.x_l[h:]]))
     z_l = torch.cat([out_a[:h], out_b[h:]])
@@ -146,7 +146,7 @@ def ref_cifar_mt_part(run, batch):
 
 
 def ref_cifar_iteration(run, batch, variant, eta):
-    """SPEC §B.1.3 (variant "O", η = 0.1) and §B.1.4 (variant "L", η = 0.2, label step 1)."""
+    """docs/method.md §3.3 (variant "O", η = 0.1) and §3.4 (variant "L", η = 0.2, label step 1)."""
     student, optimizer = run.student, run.optimizer
     ref_cifar_mt_part(run, batch)
     # 5. zero grads; φ = a copy of the post-step student (own BN buffers, train mode).
@@ -182,7 +182,7 @@ def ref_cifar_iteration(run, batch, variant, eta):
 
 
 def ref_shift(v, batch, task):
-    """S(v) = n(n⁻¹(v) + [dx1−dx2, dy1−dy2] for each of the 5 points) (SPEC §B.0.5)."""
+    """S(v) = n(n⁻¹(v) + [dx1−dx2, dy1−dy2] for each of the 5 points) (docs/method.md §2.5)."""
     dx1, dy1, dx2, dy2 = batch.shift
     offset = torch.zeros_like(v)
     offset[:, 0::2] = (dx1 - dx2).to(v).unsqueeze(1)
@@ -191,7 +191,7 @@ def ref_shift(v, batch, task):
 
 
 def ref_aflw_mt_part(run, batch):
-    """SPEC §B.2.3 steps 1-3 with the authors' regression interleave (even / odd rows), SGD step #1."""
+    """docs/method.md §4.3 steps 1-4 with the authors' regression interleave (even / odd rows), SGD step #1."""
     student, optimizer = run.student, run.optimizer
     with torch.no_grad():
         q = ref_shift(run.mean_teacher.model(batch.u2), batch, run.task)
@@ -208,7 +208,7 @@ def ref_aflw_mt_part(run, batch):
 
 
 def ref_aflw_iteration(run, batch, variant, eta_factor):
-    """SPEC §B.2.4 (variant "O": tanh, η = 10·lr) and §B.2.5 (variant "L": η = 1·lr, label step 1)."""
+    """docs/method.md §4.4 (variant "O": tanh, η = 10·lr) and §4.5 (variant "L": η = 1·lr, label step 1)."""
     student, optimizer = run.student, run.optimizer
     lr = optimizer.param_groups[0]["lr"]
     ref_aflw_mt_part(run, batch)
@@ -374,7 +374,7 @@ def test_train_step_equals_independent_reference(method, task_name):
     assert script_run.args.meta_grad == "exact"                     # the default route
     assert_same_iteration(script_run, ref_run, before, rtol=1e-9)
     assert len(gradient_free(ref_run)) == (17 if task_name == "cifar10" else 0)
-    # Two optimizer steps share one state: Adam's step count advances by 2 (SPEC §H.3 26).
+    # Two optimizer steps share one state: Adam's step count advances by 2 (docs/faithfulness.md §1.5).
     if task_name == "cifar10":
         steps_before = {n: float(s["step"]) for n, s in optimizer_state(base).items()}
         steps_after = {n: float(s["step"]) for n, s in optimizer_state(script_run).items()}
@@ -459,9 +459,9 @@ def tracked(model):
 @pytest.mark.parametrize("method", ["L2I-O", "L2I-L"])
 def test_cifar_iteration_updates_bn_statistics_only_in_the_three_student_forwards(method, meta_grad):
     """The student's BN statistics move exactly three times per iteration — the two interleaved MT
-    forwards and the extra view-1 forward (SPEC §H.3 28) — and the meta step (label generator, virtual
-    forward at θ', JVP) never touches them (SPEC §B.0.4); the mean teacher's once (its forward on view 2,
-    train mode, §B.0.1); EMA-E's not at all (synchronised at the end of an epoch only)."""
+    forwards and the extra view-1 forward (docs/faithfulness.md §1.7) — and the meta step (label generator, virtual
+    forward at θ', JVP) never touches them (docs/method.md §2.4); the mean teacher's once (its forward on view 2,
+    train mode, docs/method.md §2.1); EMA-E's not at all (synchronised at the end of an epoch only)."""
     train_step, base = primed_run(method, "cifar10", torch.float32)   # after one iteration (default route)
     run, replay = copy.deepcopy(base), copy.deepcopy(base)
     run.args.meta_grad = meta_grad
@@ -581,12 +581,12 @@ def test_l2il_with_zero_virtual_step_keeps_the_imputed_labels(task_name):
     assert changes[None] > 1e-5, changes    # measured: 1.6e-2 (CIFAR-10), 2.2e-4 (AFLW)
 
 
-# ============================================================================ 5. SPEC §I facts
+# ============================================================================ 5. facts of docs/method.md §2.4 and §5.2
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_wrn_functional_forward_equals_module_forward(mode):
     """torch.func.functional_call with the module's own parameters and buffers is the module forward
-    (outputs, parameter gradients, BN buffer updates); with CLONED buffers (the meta step, SPEC §B.0.4)
+    (outputs, parameter gradients, BN buffer updates); with CLONED buffers (the meta step, docs/method.md §2.4)
     it computes the same and leaves the module's statistics alone."""
     torch.manual_seed(0)
     model = WideResNet().double()
@@ -619,7 +619,7 @@ def test_wrn_functional_forward_equals_module_forward(mode):
 def test_l2io_meta_gradient_on_the_label_generator_is_nonzero(task_name):
     """With θ' ≠ θ the meta-gradient that L2I-O writes into the label generator's (= the student's)
     gradient slots before optimizer step #2 is non-zero in every parameter tensor except the four dead
-    WRN BN tensors, which it leaves empty (SPEC §B.1.3 step 13, §I), and the 17 biases whose gradient BN
+    WRN BN tensors, which it leaves empty (docs/method.md §3.3 step 13, docs/models.md §1), and the 17 biases whose gradient BN
     cancels (rounding noise, see ``gradient_free``); it replaces step #1's gradient."""
     _, _, run, calls = script_iteration("L2I-O", task_name)
     assert len(calls) == 2
@@ -651,7 +651,7 @@ LOG_COLUMNS = {
     "cifar10": ["Train Loss", "Train Loss X", "Train Loss U", "Valid Loss", "Valid Acc.", "Test Loss", "Test Acc."],
     "aflw": ["Train Loss", "Train Loss X", "Train Loss U", "Train ME", "Train FR", "Valid Loss", "Valid ME.",
              "Valid FR", "Test Loss", "Test ME.", "Test FR"]}
-# SPEC §B.3 / §C: the per-task meta defaults every run folder must record.
+# docs/method.md §5.1 / docs/defaults.md §1–§2: the per-task meta defaults every run folder must record.
 META_DEFAULTS = {
     ("L2I-O", "cifar10"): dict(virtual_step=50.0, virtual_reduction="sum", virtual_squash="none", ema_updates=1),
     ("L2I-L", "cifar10"): dict(virtual_step=100.0, virtual_reduction="sum", virtual_squash="none", ema_updates=1,
@@ -661,7 +661,7 @@ META_DEFAULTS = {
                             label_step=1.0),
 }
 EVAL_MODEL = {("L2I-O", "cifar10"): "ema", ("L2I-L", "cifar10"): "ema", ("L2I-O", "aflw"): "ema",
-              ("L2I-L", "aflw"): "student"}   # SPEC §B.3 "evaluated model"
+              ("L2I-L", "aflw"): "student"}   # docs/method.md §5.1 "evaluated model"
 
 
 class CliRuns(threading.Thread):
@@ -757,7 +757,7 @@ def test_cli_run_writes_the_run_folder(cli_runs, key):
     events = {n for n in names if n.startswith("events.out.tfevents.")}
     assert len(events) == 1 and names - events == RUN_FILES, names
     assert re.findall(r"^epoch (\d+/\d+) ", cli_runs[key].stdout, flags=re.M) == ["1/2", "2/2"]
-    rows = read_log_rows(folder, task)          # the task's header (SPEC §F), one row per epoch
+    rows = read_log_rows(folder, task)          # the task's header (docs/evaluation.md §1–§2), one row per epoch
     assert len(rows) == 2 and all(np.isfinite(v) for row in rows for v in row.values())
     summary = json.loads((folder / "summary.json").read_text())
     assert (summary["method"], summary["dataset"], summary["epochs"], summary["finished"]) == (method, task, 2, True)
@@ -766,7 +766,7 @@ def test_cli_run_writes_the_run_folder(cli_runs, key):
                                                 abs=1e-6)
     state = load_checkpoint_file(folder / "checkpoint.pth.tar")
     assert state["epoch"] == 2 and state["step"] == 4
-    if task == "cifar10":   # Adam: two steps per iteration on one state (SPEC §H.3 26)
+    if task == "cifar10":   # Adam: two steps per iteration on one state (docs/faithfulness.md §1.5)
         assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {8.0}
 
 
@@ -786,7 +786,7 @@ def test_cli_args_json_records_the_meta_options(cli_runs, key):
 @pytest.mark.parametrize("method, task_name", CONFIGS, ids=CONFIG_IDS)
 def test_cli_logs_the_model_that_spec_evaluates(cli_runs, method, task_name):
     """The logged test loss is that of EMA-E (CIFAR-10, AFLW L2I-O) or of the student (AFLW L2I-L)
-    (SPEC §B.3), recomputed here from the final checkpoint on the fixture's test set; the other model
+    (docs/method.md §5.1), recomputed here from the final checkpoint on the fixture's test set; the other model
     gives another value."""
     folder = finished(cli_runs, (method, task_name, "exact"))
     args = json.loads((folder / "args.json").read_text())

@@ -1,6 +1,6 @@
-"""utils.meta.meta_label_gradient (SPEC §A.1, §B.0.4, §B.3, §E.3; DESIGN §3 "The meta step").
+"""utils.meta.meta_label_gradient (docs/method.md §1.5, §2.4, §5).
 
-The four meta-step configurations of SPEC §B.3 on a small BN net, WRN-28-2 and TCDCNN, in float64:
+The four meta-step configurations of docs/method.md §5.1 on a small BN net, WRN-28-2 and TCDCNN, in float64:
 "exact" (first-order + forward-mode JVP) == "unroll" (authors' create_graph route) == a central
 finite difference of M(θ'(z)) built directly from the definition; plus the side-effect guarantees.
 """
@@ -37,7 +37,7 @@ class SmallBNNet(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
-# --- the four loss configurations of SPEC §B.3 -------------------------------------------------
+# --- the four loss configurations of docs/method.md §5.1 -------------------------------------------------
 def sse_softmax(o, z):  # CIFAR virtual loss, SSEsum(σ(o), σ(z))
     return ((o.softmax(1) - z.softmax(1)) ** 2).sum()
 
@@ -51,14 +51,14 @@ def mse(out, y):  # AFLW meta loss
 
 
 def shift_map(batch, dtype, generator):
-    """S of SPEC §B.0.5 as an affine map: normalise ∘ translate ∘ denormalise, one shift per row."""
+    """S of docs/method.md §2.5 as an affine map: normalise ∘ translate ∘ denormalise, one shift per row."""
     mean = torch.randn(10, dtype=dtype, generator=generator)
     std = torch.rand(10, dtype=dtype, generator=generator) + 0.5
     shift = torch.randn(batch, 10, dtype=dtype, generator=generator)
     return lambda z: ((z * std + mean) + shift - mean) / std
 
 
-CONFIGS = {  # task, label variant, virtual step size η (SPEC §B.3)
+CONFIGS = {  # task, label variant, virtual step size η (docs/method.md §5.1)
     "cifar_l2io": ("cls", "O", 0.1),
     "cifar_l2il": ("cls", "L", 0.2),
     "aflw_l2io": ("reg", "O", 10 * LR_AFLW),
@@ -88,9 +88,9 @@ class Problem:
         else:
             self.meta_targets = 0.5 * torch.randn(batch, 10, dtype=dtype, generator=gen)
             shift = shift_map(batch, dtype, gen)
-            if self.variant == "O":  # MSEmean(tanh o, tanh S(z)), SPEC §B.2.4
+            if self.variant == "O":  # MSEmean(tanh o, tanh S(z)), docs/method.md §4.4
                 self.virtual_loss = lambda o, z: ((torch.tanh(o) - torch.tanh(shift(z))) ** 2).mean()
-            else:  # MSEmean(o, S(z)), SPEC §B.2.5
+            else:  # MSEmean(o, S(z)), docs/method.md §4.5
                 self.virtual_loss = lambda o, z: ((o - shift(z)) ** 2).mean()
             self.meta_loss = mse
         self.phi = {n: p.detach().clone().requires_grad_(True) for n, p in self.model.named_parameters()}

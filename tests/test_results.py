@@ -1,7 +1,8 @@
-"""The tools that show results: run tables, learning curves, the method diagram, the experiment grid.
+"""utils.results: the run table and the table over seeds.
 
 The run folders come from short real runs of the training scripts on a tiny CIFAR-10, plus copies made
-to look interrupted or damaged; every number the table shows is checked against log.txt parsed here.
+to look interrupted, damaged, or run with other options; every number the tables show is checked against
+log.txt parsed here.
 """
 import csv
 import json
@@ -15,13 +16,11 @@ import sys
 import pytest
 
 from dataset.synthetic import make_cifar10
-from utils import experiments, plot, results
-from utils.checkpoint import CHECKPOINT
+from utils import results
 from utils.logger import write_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, VAL_ITERATION = 3, 2
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def train_command(script, data_root, out, seed):
@@ -63,6 +62,22 @@ def copy_run(source, target):
     return str(target)
 
 
+def variant(source, target, **changes):
+    """A copy of a run whose args.json has ``changes`` (None: the key removed, as in an older run), its
+    summary.json kept consistent with them."""
+    folder = copy_run(source, target)
+    with open(os.path.join(folder, "args.json")) as f:
+        args = json.load(f)
+    args = {key: value for key, value in dict(args, **changes).items() if value is not None}
+    with open(os.path.join(folder, "args.json"), "w") as f:
+        json.dump(args, f)
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(dict(summary, method=args["method"], seed=args["manualSeed"]), f)
+    return folder
+
+
 def expected(folder):
     """The protocol values, from log.txt parsed independently of utils.results."""
     with open(os.path.join(folder, "log.txt")) as f:
@@ -96,7 +111,7 @@ def run_results(argv, capsys):
 def test_run_table_matches_each_runs_log(runs, capsys, tmp_path):
     names = ["mt-s0", "mt-s1", "sl-s0", "mt-interrupted"]
     status, out, err = run_results([runs[n] for n in names] + ["--csv", str(tmp_path / "runs.csv")], capsys)
-    assert status == 0 and err == ""
+    assert status == 0 and all(line.startswith("warning:") for line in err.splitlines())  # mt-s0's seed twice
     rows = {row["run"]: row for row in tables(out)["Runs"]}
     assert sorted(rows) == sorted(names)
     for name in names:
@@ -154,6 +169,51 @@ def test_grouped_table_is_mean_and_std_over_seeds(runs, capsys):
     assert groups["SL"]["runs"] == "1"
 
 
+def test_runs_are_averaged_only_when_every_option_that_changes_the_experiment_agrees(runs, capsys, tmp_path):
+    # Not options of the experiment: seed, run folder, device, workers, progress display, bookkeeping.
+    moved = variant(runs["mt-s1"], tmp_path / "moved", manualSeed=2, out="elsewhere", gpu="cpu", workers=7,
+                    no_progress=False, resume="elsewhere/checkpoint.pth.tar", git_commit="abc", command="x",
+                    versions={"torch": "0"}, resumes=[{"epoch": 1}], started="2025-01-01", timings={"a": 1})
+    longer_epochs = variant(runs["mt-s0"], tmp_path / "longer-epochs", val_iteration=10)
+    extra_key = variant(runs["mt-s0"], tmp_path / "extra-key", mixup_beta=0.5)  # added by a copied script
+    copied_script = variant(runs["mt-s0"], tmp_path / "copied-script", method="MYVAR", based_on="MT")
+    status, out, err = run_results([runs["mt-s0"], runs["mt-s1"], moved, longer_epochs, extra_key, copied_script,
+                                    runs["sl-s0"]], capsys)
+    assert status == 0 and err == ""  # no seed repeats within a group
+    rows = tables(out)["Over seeds (mean ± sample std)"]
+    assert [(r["method"], r["setting"], r["seeds"]) for r in rows] == [
+        ("SL", "", "0"),
+        ("MT", "val_iteration=2, mixup_beta=0.5", "0"),
+        ("MT", "val_iteration=2, mixup_beta=not recorded", "0, 1, 2"),
+        ("MT", "val_iteration=10, mixup_beta=not recorded", "0"),
+        ("MYVAR", "", "0")]  # methods of copied scripts after the paper's
+    values = [expected(folder)["test_at_best_val"] for folder in (runs["mt-s0"], runs["mt-s1"], moved)]
+    assert rows[2]["test @ best val"] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def test_runs_with_the_same_seed_in_one_group_are_named_on_stderr(runs, capsys, tmp_path):
+    other_setting = variant(runs["mt-s0"], tmp_path / "other-setting", lambda_u=1.0)  # seed 0 too, another group
+    status, _, err = run_results([runs["mt-s0"], runs["mt-s1"], runs["mt-interrupted"], other_setting], capsys)
+    assert status == 0
+    assert err.splitlines() == [
+        f"warning: MT on cifar10 with 20 labels (lambda_u=50.0): 2 runs share seed 0 ({runs['mt-s0']}, "
+        f"{runs['mt-interrupted']}); they are averaged as if they were different seeds"]
+
+
+def test_without_arguments_every_run_folder_under_runs_is_read(runs, capsys, tmp_path, monkeypatch):
+    copy_run(runs["mt-s0"], tmp_path / "runs" / "cifar10MT@20-s0")
+    copy_run(runs["sl-s0"], tmp_path / "runs" / "cifar10SL@20-s0")
+    os.makedirs(tmp_path / "runs" / "slurm")  # the Slurm logs' folder, not a run: passed over silently
+    (tmp_path / "runs" / "notes.txt").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_results([], capsys)
+    assert status == 0 and err == ""
+    assert sorted(row["run"] for row in tables(out)["Runs"]) == ["cifar10MT@20-s0", "cifar10SL@20-s0"]
+    monkeypatch.chdir(tmp_path / "runs")  # no runs/ here
+    assert run_results([], capsys) == (1, "", "error: no run folder could be read under runs/; name run folders "
+                                              "or glob patterns\n")
+
+
 def test_damaged_folders_are_named_and_skipped(runs, capsys, tmp_path):
     no_args = tmp_path / "no-args"
     shutil.copytree(runs["mt-s0"], no_args, ignore=shutil.ignore_patterns("*.pth.tar", "args.json"))
@@ -207,99 +267,3 @@ def test_last_twenty_epochs_and_first_best_epoch(runs, tmp_path):
     assert run.values["median_last20_test"] == statistics.median(range(5, 25))
     assert run.values["mean_last20_test"] == statistics.mean(range(5, 25))
     assert run.status == "in progress 25/30 epochs"
-
-
-# ----------------------------------------------------------------------------- utils.plot, utils.diagram
-
-def assert_png(path):
-    with open(path, "rb") as f:
-        assert f.read(8) == PNG_SIGNATURE
-    assert os.path.getsize(path) > 10_000
-
-
-def test_plot_draws_finished_and_in_progress_runs(runs, tmp_path, capsys):
-    out = tmp_path / "figure" / "curves.png"
-    status = plot.main([runs["mt-s0"], runs["mt-s1"], runs["sl-s0"], runs["mt-interrupted"], "-o", str(out)])
-    assert status == 0 and "4 runs" in capsys.readouterr().out
-    assert_png(out)
-    only_in_progress = tmp_path / "in-progress.png"
-    assert plot.main([runs["mt-interrupted"], "-o", str(only_in_progress)]) == 0
-    assert_png(only_in_progress)
-
-
-def test_plot_with_no_readable_run_is_an_error(tmp_path, capsys):
-    assert plot.main([str(tmp_path), "-o", str(tmp_path / "x.png")]) == 1
-    assert not (tmp_path / "x.png").exists()
-
-
-def test_diagram_command_writes_a_png(tmp_path):
-    out = tmp_path / "diagram.png"
-    subprocess.run([sys.executable, "-m", "utils.diagram", "-o", str(out)], cwd=REPO, check=True,
-                   capture_output=True)
-    assert_png(out)
-
-
-# ----------------------------------------------------------------------------- utils.experiments
-
-def printed_commands(*argv):
-    done = subprocess.run([sys.executable, "-m", "utils.experiments", *argv], cwd=REPO, check=True,
-                          capture_output=True, text=True)
-    assert done.stderr == ""
-    return [line.split() for line in done.stdout.splitlines()]
-
-
-def option(command, flag):
-    return command[command.index(flag) + 1]
-
-
-def test_experiment_grid_has_the_papers_commands():
-    commands = printed_commands()
-    assert len(commands) == 4 * 5 + (1 + 5 * 4)
-    assert len({option(c, "--out") for c in commands}) == len(commands)
-    assert {c[1] for c in commands} == {"train-SL.py", "train-PL.py", "train-MT.py", "train-MM.py",
-                                        "train-L2I-O.py", "train-L2I-L.py"}
-    assert all(c[0] == "python" and option(c, "--gpu") == "0" and option(c, "--manualSeed") == "0" for c in commands)
-    assert sum(option(c, "--n-labeled") == "-1" for c in commands) == 1
-    assert ["python", "train-L2I-O.py", "--gpu", "0", "--n-labeled", "250", "--manualSeed", "0",
-            "--out", "runs/cifar10L2IO@250-s0"] in commands
-    assert {option(c, "--n-labeled") for c in commands if c[1] == "train-PL.py"} == {"0.01", "0.05", "0.1", "0.2"}
-
-
-def test_experiment_grid_per_seed_gpu_and_filter():
-    two_seeds = printed_commands("--print", "--seeds", "0", "1", "--gpu", "3")
-    assert len(two_seeds) == 2 * 41 and len({option(c, "--out") for c in two_seeds}) == 2 * 41
-    assert sum(option(c, "--n-labeled") == "-1" for c in two_seeds) == 2
-    assert all(option(c, "--gpu") == "3" for c in two_seeds)
-    l2io = printed_commands("--filter", "L2I-O")
-    assert len(l2io) == 5 + 4 and all(c[1] == "train-L2I-O.py" for c in l2io)
-
-
-def test_run_skips_finished_resumes_checkpointed_and_starts_the_rest(tmp_path):
-    grid = experiments.select(experiments.grid([0], root=str(tmp_path)), "0", "cifar10MT@")
-    finished, checkpointed, fresh = grid[0], grid[1], grid[2:]
-    for e, name in ((finished, "summary.json"), (checkpointed, experiments.CHECKPOINT)):
-        os.makedirs(e.out)
-        open(os.path.join(e.out, name), "w").close()
-    calls = []
-    status = experiments.main(["--run", "--gpu", "1", "--root", str(tmp_path), "--filter", "cifar10MT@"],
-                              runner=lambda command: calls.append(command) or 0)
-    assert status == 0 and len(calls) == 1 + len(fresh)
-    assert calls[0][1:] == [os.path.join(experiments.REPO, "train-MT.py"), "--resume", checkpointed.out,
-                            "--gpu", "1"]
-    assert [option(c, "--out") for c in calls[1:]] == [e.out for e in fresh]
-    assert all(finished.out not in c and option(c, "--gpu") == "1" for c in calls)
-
-
-def test_run_stops_when_a_run_is_interrupted_and_counts_failures(tmp_path):
-    grid = experiments.select(experiments.grid([0], root=str(tmp_path)), "0", "cifar10MM@")
-    calls = []
-    assert experiments.run_all(grid, "0", runner=lambda c: calls.append(c) or 130) == 1 and len(calls) == 1
-    assert experiments.run_all(grid, "0", runner=lambda c: 1) == len(grid)
-
-
-def test_the_runner_returns_the_scripts_exit_status():
-    assert experiments.run_child([sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
-
-
-def test_run_folder_file_names_match_the_training_code():
-    assert (experiments.CHECKPOINT, experiments.SUMMARY) == (CHECKPOINT, results.SUMMARY)

@@ -1,10 +1,10 @@
-"""End-to-end tests of the training scripts through their real command line (DESIGN.md §4–§7).
+"""End-to-end tests of the training scripts through their real command line (README "Options every script shares", "Monitoring and run folders").
 
 Each script runs a few tiny epochs on the fixture datasets; the tests read back every file of the run
-folder (SPEC §F: log.txt, tensorboard events, checkpoints; DESIGN §5: args.json, split.json,
+folder (docs/evaluation.md §1–§2: log.txt, tensorboard events, checkpoints; README "Monitoring and run folders": args.json, split.json,
 summary.json), check that resuming (after a clean stop or a real Ctrl-C) reproduces the uninterrupted
-run bit for bit on CPU (SPEC §H.2 13), and that user mistakes end in one line on stderr with nothing
-created or changed on disk (DESIGN §6).
+run bit for bit on CPU (docs/faithfulness.md §2.13), and that user mistakes end in one line on stderr with nothing
+created or changed on disk (docs/defaults.md §4).
 """
 import importlib.util
 import json
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 BATCH, ITERATIONS = 8, 3
-SAMPLES_PER_EPOCH = BATCH * ITERATIONS     # tensorboard x-axis step per epoch (SPEC §F)
+SAMPLES_PER_EPOCH = BATCH * ITERATIONS     # tensorboard x-axis step per epoch (docs/evaluation.md §1–§2)
 RUN_OPTIONS = ["--batch-size", str(BATCH), "--val-iteration", str(ITERATIONS), "--gpu", "cpu", "--workers", "0",
                "--no-progress"]
 CIFAR_OPTIONS = ["--n-val", "20"] + RUN_OPTIONS
@@ -48,7 +48,7 @@ AFLW_N_LABELED = {"SL": "-1", "MT": "0.2", "PL": "0.2"}
 CIFAR_COLUMNS = ["Train Loss", "Train Loss X", "Train Loss U", "Valid Loss", "Valid Acc.", "Test Loss", "Test Acc."]
 AFLW_COLUMNS = ["Train Loss", "Train Loss X", "Train Loss U", "Train ME", "Train FR", "Valid Loss", "Valid ME.",
                 "Valid FR", "Test Loss", "Test ME.", "Test FR"]
-# tensorboard tag → log.txt column holding the same number (SPEC §F.1, §F.2)
+# tensorboard tag → log.txt column holding the same number (docs/evaluation.md §1, §2)
 CIFAR_TAGS = {"losses/train_loss": "Train Loss", "losses/valid_loss": "Valid Loss", "losses/test_loss": "Test Loss",
               "accuracy/train_acc": None, "accuracy/val_acc": "Valid Acc.", "accuracy/test_acc": "Test Acc."}
 AFLW_TAGS = {"losses/train_loss": "Train Loss", "losses/valid_loss": "Valid Loss", "losses/test_loss": "Test Loss",
@@ -272,7 +272,7 @@ def test_split_json_lists_the_split(runs, roots, method, dataset):
             assert labeled == list(range(AFLW_TRAIN))
         else:
             assert len(labeled) == round(0.2 * AFLW_TRAIN) == 11
-            assert labeled == unlabeled[:11]                   # the first n of one permutation (SPEC §D.2)
+            assert labeled == unlabeled[:11]                   # the first n of one permutation (docs/data.md §2)
 
 
 @pytest.mark.parametrize("method, dataset", SCRIPT_RUNS)
@@ -308,7 +308,7 @@ def test_tensorboard_scalars_one_per_epoch(runs, method, dataset):
         assert all(0 <= v <= 100 for _, v in scalars["accuracy/train_acc"])
     args = json.loads((folder / "args.json").read_text())
     assert [v for _, v in scalars["train/lr"]] == pytest.approx([args["lr"]] * epochs)
-    # λ_u logged for epoch e lies between the weights at the start and the end of that epoch (SPEC §B.0.2)
+    # λ_u logged for epoch e lies between the weights at the start and the end of that epoch (docs/method.md §2.2)
     for e, (_, value) in enumerate(scalars["train/lambda_u"]):
         if dataset == "cifar10":
             low, high = e, e + 1                                     # fractional epochs
@@ -363,7 +363,7 @@ def test_summary_json_agrees_with_log_txt(runs, method, dataset):
     assert summary["wall_time_s"] > 0
 
 
-# ----------------------------------------------------------------------------- resume (SPEC §H.2 13)
+# ----------------------------------------------------------------------------- resume (docs/faithfulness.md §2.13)
 
 @pytest.mark.parametrize("method", ["SL", "MM"])   # MT: the real Ctrl-C test below
 def test_stop_and_resume_reproduces_the_uninterrupted_run(runs, tmp_path, method):
@@ -446,7 +446,7 @@ def test_ctrl_c_between_the_logs_and_the_checkpoint_loses_and_doubles_no_scalars
     assert not missing, f"tensorboard steps per tag after the resume (expected [24, 48]): {missing}"
 
 
-# ----------------------------------------------------------------------------- refusing bad input (DESIGN §6)
+# ----------------------------------------------------------------------------- refusing bad input (docs/defaults.md §4)
 
 def test_refuses_to_overwrite_an_existing_run(runs, tmp_path):
     folder = tmp_path / "existing"
@@ -488,6 +488,11 @@ BAD_INPUTS = {   # id: (script, dataset whose fixture is --data-root, argv, a wo
     "zero-epochs": ("MT", "cifar10", ["--n-labeled", "40", "--epochs", "0"], "--epochs"),
     "batch-larger-than-labeled": ("MT", "cifar10", ["--n-labeled", "40", "--batch-size", "64"], "--batch-size"),
     "n-val-on-aflw": ("MT", "aflw", ["--n-labeled", "0.2", "--n-val", "10"], "--n-val"),
+    "n-labeled-decimal-above-one": ("MT", "cifar10", ["--n-labeled", "1.5"], "fraction"),
+    "bn-momentum-on-aflw": ("MT", "aflw", ["--n-labeled", "0.2", "--bn-momentum", "0.1"], "--bn-momentum"),
+    "bn-momentum-out-of-range": ("MT", "cifar10", ["--n-labeled", "40", "--bn-momentum", "2"], "--bn-momentum"),
+    "data-on-device-on-aflw": ("MT", "aflw", ["--n-labeled", "0.2", "--data-on-device"], "--data-on-device"),
+    "sl-has-no-lambda-u": ("SL", "aflw", ["--n-labeled", "-1", "--lambda-u", "1"], "--lambda-u"),
 }
 
 
@@ -533,6 +538,7 @@ RESUME_MISTAKES = {   # id: (script, extra argv, word in the message)
     "already-finished": ("MT", [], "--epochs"),
     "other-out": ("MT", ["--epochs", "5", "--out", "elsewhere"], "--out"),
     "no-checkpoint": ("MT", ["--epochs", "5", "--resume", "{tmp}/nothing-here"], "nothing-here"),
+    "from-best-epoch": ("MT", ["--epochs", "5", "--resume", "{tmp}/copy/model_best.pth.tar"], "rewind"),
 }
 
 
@@ -550,7 +556,7 @@ def test_mismatched_resume_is_refused(run_copy, tmp_path, capsys, monkeypatch, c
 
 def test_resume_keeps_script_specific_options(runs, tmp_path, capsys, monkeypatch):
     """A MixMatch run started with ``--T 0.4`` must resume without repeating ``--T``: options the user
-    does not give on ``--resume`` are taken from the run (DESIGN §4–§5)."""
+    does not give on ``--resume`` are taken from the run (README "Monitoring and run folders")."""
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "mm"
     shutil.copytree(runs.uninterrupted("MM", "cifar10"), folder)

@@ -1,7 +1,7 @@
-"""The opt-in speed features (DESIGN.md §8): ``--amp``, ``--channels-last``, ``--compile``, ``--data-on-device``
+"""The opt-in speed features (README "Speed"): ``--amp``, ``--channels-last``, ``--compile``, ``--data-on-device``
 and ``python -m utils.benchmark``.
 
-* The whole-batch device data path (``augment_batch``, ``DeviceBatches``) draws the augmentation of SPEC §D.1
+* The whole-batch device data path (``augment_batch``, ``DeviceBatches``) draws the augmentation of docs/data.md §1
   with the same distribution as the numpy per-image path (``augment``), from bit-identical normalised pixels.
 * Every flag runs on the CPU and stays close to the fp32 default from an identical state.
 * Without a flag nothing changes: the default is the faithful fp32, contiguous, eager path.
@@ -66,7 +66,7 @@ def background_runs(request, tmp_path_factory):
         yield runs
 
 
-# ============================================================================ 1. the data paths (SPEC §D.1)
+# ============================================================================ 1. the data paths (docs/data.md §1)
 #
 # Test images encode where each pixel comes from: channel 0 = 8·row, channel 1 = 8·column, channel 2 = the
 # image's id (uint8, HWC as CIFAR-10 is stored). Every normalised value is one of 256 per-channel values
@@ -129,7 +129,7 @@ def draws_of(x):
 
 
 def assert_uniform_draws(top, left, flip, where):
-    """Offsets uniform on 0…7 (never 8, SPEC §D.1), flips with p = 1/2, top and left independent.
+    """Offsets uniform on 0…7 (never 8, docs/data.md §1), flips with p = 1/2, top and left independent.
 
     Bound: every count within 5 binomial standard deviations of its expectation (normal approximation: a
     correct sampler fails one of these 19 checks with probability ≈ 1e-5). A sampler over 0…8 puts ≈ 444
@@ -142,7 +142,7 @@ def assert_uniform_draws(top, left, flip, where):
         assert abs(count - n * p) <= 5 * sigma, f"{where}: {what} occurs {count} times in {n}, expected {n * p:g}"
     for name, offsets in (("top", top), ("left", left)):
         counts = np.bincount(offsets, minlength=2 * PAD + 1)
-        assert counts[2 * PAD] == 0, f"{where}: {name} offset 8 was drawn {counts[8]} times (SPEC: never)"
+        assert counts[2 * PAD] == 0, f"{where}: {name} offset 8 was drawn {counts[8]} times (docs/data.md §1.4: never)"
         for k in range(2 * PAD):
             within_5_sigma(counts[k], 1 / 8, f"{name} offset {k}")
     within_5_sigma(int(flip.sum()), 1 / 2, "a flip")

@@ -1,4 +1,4 @@
-"""Unit facts of SPEC §I (and §B.0, §D.1) for the shared training machinery.
+"""Unit facts of docs/ (docs/method.md §2, docs/models.md §1, docs/data.md §1) for the shared training machinery.
 
 WRN-28-2 size and its dead BN parameters, the BN interleave, both EMA models, the ramp-up of the
 unsupervised weight at the real per-task defaults, the CIFAR-10 split and augmentation, the
@@ -47,7 +47,7 @@ def defaults_run(task, method):
     return build_run(args, task, torch.device("cpu"))
 
 
-# --- WRN-28-2 (SPEC §E.1, §I) ----------------------------------------------------------------------
+# --- WRN-28-2 (docs/models.md §1) ----------------------------------------------------------------------
 
 def test_wrn_28_2_size():
     model = WideResNet(num_classes=10)
@@ -65,7 +65,7 @@ def test_wrn_exactly_the_four_dead_bn_tensors_get_no_gradient():
     assert all(p.grad.abs().sum() > 0 for name, p in model.named_parameters() if name not in no_grad)
 
 
-# --- BN interleave (SPEC §B.0.3) -------------------------------------------------------------------
+# --- BN interleave (docs/method.md §2.3) -------------------------------------------------------------------
 
 @pytest.mark.parametrize("k, groups", [(2, [32, 32]), (3, [21, 21, 22])])
 def test_interleave_groups_and_round_trip(k, groups):
@@ -90,7 +90,7 @@ def test_interleave_groups_and_round_trip(k, groups):
     assert all(torch.equal(o, 2 * b + 1) for o, b in zip(outputs, batches))
 
 
-# --- EMA-T, the mean teacher (SPEC §B.0.1) ---------------------------------------------------------
+# --- EMA-T, the mean teacher (docs/method.md §2.1) ---------------------------------------------------------
 
 def test_mean_teacher_decay_sequence():
     teacher = defaults_run(Cifar10Task(), "MT").mean_teacher
@@ -120,7 +120,7 @@ def test_mean_teacher_equals_student_after_first_update():
         torch.testing.assert_close(t, 0.5 * before + 0.5 * s)
 
 
-# --- EMA-E, the evaluated model (SPEC §B.0.1, §H.3 22) ---------------------------------------------
+# --- EMA-E, the evaluated model (docs/method.md §2.1, docs/faithfulness.md §1.1) ---------------------------------------------
 
 def test_eval_ema_starts_with_student_parameters_and_fresh_bn_buffers():
     student = WideResNet()
@@ -183,7 +183,7 @@ def test_eval_ema_copy_buffers_copies_bn_buffers_only():
     assert not any(torch.equal(a, b) for a, b in zip(run.ema_eval.model.parameters(), run.student.parameters()))
 
 
-# --- ramp-up of the unsupervised weight (SPEC §B.0.2, §I), at the real defaults -------------------
+# --- ramp-up of the unsupervised weight (docs/method.md §2.2), at the real defaults -------------------
 
 def weight_at(task, method, epoch=0, iteration=0, step=0):
     args = SimpleNamespace(**defaults(task.name, method))
@@ -237,7 +237,7 @@ def test_linear_rampup_clips_and_handles_zero_length():
     assert linear_rampup(5, 0) == 1.0
 
 
-# --- CIFAR-10 split (SPEC §D.1) --------------------------------------------------------------------
+# --- CIFAR-10 split (docs/data.md §1.2) --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def cifar_labels():
@@ -285,7 +285,7 @@ def test_cifar_split_all_labels(cifar_labels):
     assert len(split["validation"]) == 5000
 
 
-# --- CIFAR-10 augmentation (SPEC §D.1): crop offsets 0…7, flip p = 0.5 ----------------------------
+# --- CIFAR-10 augmentation (docs/data.md §1.4): crop offsets 0…7, flip p = 0.5 ----------------------------
 
 def test_cifar_augmentation_offsets_and_flips():
     image = np.arange(3 * 32 * 32, dtype=np.float32).reshape(3, 32, 32)  # every pixel distinct
@@ -307,7 +307,7 @@ def test_cifar_augmentation_offsets_and_flips():
     assert augment(image).shape == (3, 32, 32)
 
 
-# --- --dataset inference and default run-folder names (DESIGN §4) ----------------------------------
+# --- --dataset inference and default run-folder names (docs/defaults.md §4) ----------------------------------
 
 def test_dataset_inference():
     assert infer_dataset(250) == "cifar10"
@@ -333,7 +333,7 @@ def test_default_dataset_and_out_names(method, argv, default_dataset, dataset, o
     assert args.lambda_u == defaults(dataset, method)["lambda_u"]
 
 
-# --- atomic checkpoints (DESIGN §5) ----------------------------------------------------------------
+# --- atomic checkpoints (README "Monitoring and run folders") ----------------------------------------------------------------
 
 def test_checkpoint_write_failing_midway_keeps_the_previous_one(tmp_path, monkeypatch):
     good = {"args": {"method": "MT"}, "epoch": 1, "weights": torch.arange(100.0)}

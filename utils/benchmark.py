@@ -1,4 +1,4 @@
-"""Time one real training iteration of every method on every task (DESIGN.md §8).
+"""Time one real training iteration of every method on every task (README "Speed").
 
     python -m utils.benchmark                       # all methods × tasks, paper batch sizes, this device
     python -m utils.benchmark --methods MT L2I-O --tasks cifar10 --threads 2 --iters 10 --json bench.json

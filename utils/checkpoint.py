@@ -1,4 +1,4 @@
-"""Atomic full-state checkpoints (DESIGN.md §5).
+"""Atomic full-state checkpoints (README "Monitoring and run folders").
 
 A checkpoint is written to a temporary file in the same folder and then renamed over the old one,
 so a crash mid-save never destroys the last good checkpoint.
@@ -32,10 +32,18 @@ def save_checkpoint(state, folder, is_best):
 
 
 def checkpoint_path(resume):
-    """``--resume`` names a checkpoint file or a run folder holding one."""
+    """``--resume`` names a run folder or its latest checkpoint file.
+
+    A resumed run writes its next epochs into the checkpoint's folder, so resuming from an earlier state
+    (``model_best.pth.tar``) would rewind the run and overwrite the later epochs' checkpoint and log rows.
+    """
     path = os.path.join(resume, CHECKPOINT) if os.path.isdir(resume) else resume
     if not os.path.isfile(path):
         raise UserError(f"--resume {resume}: no checkpoint at {path}")
+    if os.path.basename(path) != CHECKPOINT:
+        raise UserError(f"--resume {resume}: a run continues from its latest checkpoint, {CHECKPOINT}; resuming "
+                        f"from {os.path.basename(path)} would rewind it and overwrite the later epochs. "
+                        f"Give the run folder: --resume {os.path.dirname(path) or '.'}")
     return path
 
 

@@ -1,4 +1,4 @@
-"""One L2I training iteration as a picture (SPEC §A.1, §B.3, §B.4), drawn with matplotlib patches.
+"""One L2I training iteration as a picture (docs/method.md §1, §5), drawn with matplotlib patches.
 
     python -m utils.diagram -o figure/diagram.png
 

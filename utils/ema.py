@@ -1,8 +1,8 @@
-"""The two exponential-moving-average models of SPEC §B.0.1.
+"""The two exponential-moving-average models of docs/method.md §2.1.
 
 * ``EvalEMA`` ("EMA-E", the authors' ``ema_model``): the model that is evaluated. Pure EMA of the
   student's parameters, plus the classification quirk that every update also shrinks the *student*
-  by ``1 - shrink`` (SPEC §H.3 item 22), and an end-of-epoch copy of the student's BN buffers.
+  by ``1 - shrink`` (docs/faithfulness.md §1.1), and an end-of-epoch copy of the student's BN buffers.
 * ``MeanTeacher`` ("EMA-T", the authors' ``target_model``): produces consistency targets; warm-up
   decay ``min(1 - 1/(t+1), decay)``; stays in train mode (its BN uses batch statistics, item 24).
 """
@@ -26,7 +26,7 @@ def _fresh_buffers(model):
 
 
 class EvalEMA:
-    """EMA-E: parameters start as the student's, BN buffers at their init values (SPEC §B.0.1)."""
+    """EMA-E: parameters start as the student's, BN buffers at their init values (docs/method.md §2.1)."""
 
     def __init__(self, student, decay, shrink):
         self.model = _frozen_copy(student)

@@ -1,4 +1,4 @@
-"""The BN "interleave" trick of the CIFAR-10 scripts (SPEC §B.0.3).
+"""The BN "interleave" trick of the CIFAR-10 scripts (docs/method.md §2.3).
 
 Each of the k student forwards sees a mix of labeled and unlabeled rows, so every BN batch statistic
 mixes both. Applying ``interleave`` to the k outputs undoes the swap (it is its own inverse).

@@ -1,8 +1,8 @@
 """Landmark arithmetic for AFLW: target normalisation, shift compensation, metrics.
 
-Coordinates are N×10 tensors laid out ``[x0,y0,x1,y1,…,x4,y4]`` in the 60×60 frame (SPEC §D.2).
+Coordinates are N×10 tensors laid out ``[x0,y0,x1,y1,…,x4,y4]`` in the 60×60 frame (docs/data.md §2).
 All functions are plain torch ops on the inputs' device; the 10-vectors ``mean``/``std`` may live on
-any device and are moved to the input's (SPEC §H.1 items 5 and 6).
+any device and are moved to the input's (docs/faithfulness.md §2.5 and §2.6).
 """
 import torch
 
@@ -11,17 +11,17 @@ FAILURE_THRESHOLD = 0.1
 
 
 def normalise(y, mean, std):
-    """``n(y) = (y − μ) / s`` (SPEC §0.3)."""
+    """``n(y) = (y − μ) / s`` (docs/method.md §1.1)."""
     return (y - mean.to(y)) / std.to(y)
 
 
 def denormalise(v, mean, std):
-    """``n⁻¹(v) = v ⊙ s + μ`` (SPEC §0.3)."""
+    """``n⁻¹(v) = v ⊙ s + μ`` (docs/method.md §1.1)."""
     return v * std.to(v) + mean.to(v)
 
 
 def shift_compensate(v2, dx1, dy1, dx2, dy2, mean, std):
-    """Map normalised predictions on view 2 to targets for view 1 (SPEC §B.0.5).
+    """Map normalised predictions on view 2 to targets for view 1 (docs/method.md §2.5).
 
     ``S(v₂) = n(n⁻¹(v₂) + [dx1−dx2, dy1−dy2] × 5)``. Affine in ``v₂``, so it can sit inside an
     autograd graph (L2I). The offsets are length-N tensors of any numeric dtype.
@@ -34,7 +34,7 @@ def shift_compensate(v2, dx1, dy1, dx2, dy2, mean, std):
 
 
 def landmark_errors(pred, target):
-    """Per-image error in the 60×60 pixel frame, normalised by the inter-ocular distance (SPEC §F.2).
+    """Per-image error in the 60×60 pixel frame, normalised by the inter-ocular distance (docs/evaluation.md §2).
 
     ``err = mean_k ‖P_k − Y_k‖ / ‖Y_0 − Y_1‖`` with points 0 and 1 the ground-truth eyes.
     """
@@ -45,6 +45,6 @@ def landmark_errors(pred, target):
 
 
 def mean_error_and_failure_rate(pred, target):
-    """(ME, FR) as Python floats; both fractions, FR counts ``err > 0.1`` strictly (SPEC §F.2)."""
+    """(ME, FR) as Python floats; both fractions, FR counts ``err > 0.1`` strictly (docs/evaluation.md §2)."""
     errors = landmark_errors(pred, target)
     return errors.mean().item(), (errors > FAILURE_THRESHOLD).to(errors.dtype).mean().item()

@@ -1,6 +1,6 @@
 """The L2I meta step: gradient of the meta loss at virtually updated weights w.r.t. the imputed labels.
 
-SPEC §A.1, §B.1.3/§B.1.4 (CIFAR), §B.2.4/§B.2.5 (AFLW), §B.3; DESIGN §3 "The meta step".
+docs/method.md §1.5 (why the first-order route is exact), §3.3/§3.4 (CIFAR-10), §4.4/§4.5 (AFLW), §5.
 Let o = f(u; θ) (student on the unlabeled view), z the imputed labels, V(o, z) the virtual loss,
 θ' = θ − η ∇θ V and M(θ') the supervised loss on the meta batch. Since ∇θ V = J_f(θ)ᵀ ∇ₒV(o, z)
 and only z carries the derivative we want (θ and o are constants here),
@@ -8,7 +8,7 @@ and only z carries the derivative we want (θ and o are constants here),
 So one ordinary gradient at θ', one forward-mode JVP of f at θ and a tiny autograd in output space
 give the second-order quantity exactly ("exact"); "unroll" is the authors' create_graph route (the
 reference). Both run the model only through torch.func.functional_call with CLONED buffers, so the
-model's BN running statistics and .grad slots are never touched (SPEC §B.0.4, §E.3).
+model's BN running statistics and .grad slots are never touched (docs/method.md §2.4).
 """
 import contextlib
 import warnings
@@ -32,12 +32,12 @@ def _quiet_jvp_decompositions():
 
 def _zeros_for_unused(grads, like):
     """autograd.grad(..., allow_unused=True) gives None for unused parameters (WRN's 4 dead BN
-    tensors, SPEC §E.1): their gradient is zero."""
+    tensors, docs/models.md §1): their gradient is zero."""
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
 
 
 def _meta_loss_at(model, theta_prime, buffers, meta_inputs, meta_targets, meta_loss):
-    """M(θ') via the real module; cloned buffers so the meta forward has no side effect (§B.0.4)."""
+    """M(θ') via the real module; cloned buffers so the meta forward has no side effect (docs/method.md §2.4)."""
     cloned = {name: b.clone() for name, b in buffers.items()}
     return meta_loss(functional_call(model, (theta_prime, cloned), (meta_inputs,)), meta_targets)
 
@@ -67,7 +67,7 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
     z_leaf = labels.detach().requires_grad_(True)
 
     if method == "unroll":
-        # Authors' route (§B.1.3 steps 9-12): g_v with create_graph, θ' = stopgrad(θ) - η g_v,
+        # Authors' route (docs/method.md §3.3 steps 9-12): g_v with create_graph, θ' = stopgrad(θ) - η g_v,
         # backward through the backward into z.
         virtual = virtual_loss(student_out, z_leaf)
         g_v = _zeros_for_unused(torch.autograd.grad(virtual, params, create_graph=True, allow_unused=True),
@@ -78,7 +78,7 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
         (grad,) = torch.autograd.grad(meta, z_leaf, retain_graph=keep_graph, allow_unused=True)
         return torch.zeros_like(labels) if grad is None else grad
 
-    # "exact" (DESIGN §3). 1) first-order virtual step; z is a constant here. This is the last use of
+    # "exact" (docs/method.md §1.5). 1) first-order virtual step; z is a constant here. This is the last use of
     # the caller's graph unless the caller back-propagates student_out again (keep_graph).
     virtual = virtual_loss(student_out, labels.detach())
     g_v = _zeros_for_unused(torch.autograd.grad(virtual, params, retain_graph=keep_graph, allow_unused=True),
@@ -108,7 +108,7 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
 
 
 def virtual_loss(task, batch, student_out, labels, reduction, squash):
-    """The consistency loss of the virtual step, V(o, z) (SPEC §B.3).
+    """The consistency loss of the virtual step, V(o, z) (docs/method.md §5.1).
 
     ``reduction`` "sum" (CIFAR-10: SSE over B×10) or "mean" (AFLW); ``squash`` "tanh" (AFLW L2I-O) or
     "none". The task turns z into a label for view 1 (softmax; shift compensation on AFLW).
@@ -125,14 +125,14 @@ def label_generator_output(model, inputs):
 
     The authors use a copy of the student in train mode (CIFAR-10) or the student itself (AFLW); both
     equal a functional forward with cloned buffers: BN uses this batch's statistics and the student's
-    running statistics stay untouched (SPEC §B.3 notes).
+    running statistics stay untouched (docs/method.md §5.2).
     """
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     return functional_call(model, (dict(model.named_parameters()), buffers), (inputs,))
 
 
 def imputed_label_gradient(run, batch, student_out, labels, keep_graph):
-    """``meta_label_gradient`` with this run's L2I options (SPEC §B.3): the virtual step of size
+    """``meta_label_gradient`` with this run's L2I options (docs/method.md §5.1): the virtual step of size
     ``virtual_step × current lr`` on V(o, z) over view 1, and the task's supervised loss on the meta batch.
     ``keep_graph``: whether the caller back-propagates ``student_out`` again afterwards."""
     task, args = run.task, run.args

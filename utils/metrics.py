@@ -1,4 +1,4 @@
-"""Classification metric (SPEC §F.1). Landmark metrics live in ``utils.landmarks``."""
+"""Classification metric (docs/evaluation.md §1). Landmark metrics live in ``utils.landmarks``."""
 import torch
 
 

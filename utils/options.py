@@ -45,7 +45,7 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
-        check_values(parsed, self.datasets)
+        check_values(parsed, self.prog, self.datasets)
         return parsed
 
     def default_text(self, key, unit=""):
@@ -93,10 +93,12 @@ def common_parser(description, based_on, datasets):
     p.add_argument("--manualSeed", type=int, metavar="S", help="seeds python, numpy and torch; the split is a "
                                                                f"function of it {d('manualSeed')}")
     p.add_argument("--workers", type=int, metavar="N",
-                   help=f"data-loader worker processes per loader {d('workers')}; never more than this "
-                        f"machine's CPUs" + ("; 4 on a GPU for CIFAR-10" if "cifar10" in datasets else ""))
+                   help=f"data-loader worker processes per loader {d('workers')}"
+                        + ("; 4 for CIFAR-10 on a GPU" if "cifar10" in datasets else "")
+                        + "; never more than this machine's CPUs")
     p.add_argument("--no-progress", action="store_true", default=None,
-                   help="only one line per epoch, no progress bar (automatic when the output is not a terminal)")
+                   help="no progress bar (or, when the output is not a terminal, no progress lines): only the "
+                        "lines of each finished epoch")
     if "cifar10" in datasets:
         cifar = p.add_argument_group("CIFAR-10 only")
         cifar.add_argument("--n-val", type=int, help="validation images taken from the training set (default 5000)")
@@ -163,11 +165,13 @@ def infer_dataset(n_labeled):
     return "cifar10" if isinstance(n_labeled, int) and n_labeled >= 1 else "aflw"
 
 
-def check_values(args, datasets):
+def check_values(args, script, datasets):
     """Checks of the given values that need no data, so a mistake is reported before anything loads."""
     dataset = args.dataset or infer_dataset(args.n_labeled) or datasets[0]
     if dataset not in datasets:
-        raise UserError(f"this script does not support --dataset {dataset} (supported: {', '.join(datasets)})")
+        inferred = "" if args.dataset else (f" (--n-labeled {args.n_labeled:g} means {dataset}: a count means "
+                                            f"cifar10, a fraction or -1 aflw)")
+        raise UserError(f"{script} runs on {', '.join(datasets)} only, not on {dataset}{inferred}")
     for key in ("epochs", "val_iteration", "batch_size"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1")
@@ -222,7 +226,7 @@ def check_command_line(parse_args):
         fail(exc)
 
 
-def fail(exc):
-    """A user mistake: one line on stderr, exit status 2."""
-    print(f"error: {exc}", file=sys.stderr)
+def fail(mistake):
+    """A user mistake (a ``UserError`` or a message): one line on stderr, exit status 2."""
+    print(f"error: {mistake}", file=sys.stderr)
     sys.exit(2)

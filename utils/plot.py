@@ -1,10 +1,14 @@
-"""Learning curves of several runs on one figure: the test metric and the training losses against
-training iterations (epoch · iterations per epoch), read from each run's ``log.txt`` and ``args.json``.
+"""Learning curves of several runs on one figure: for each dataset present, the test metric and the
+training losses against training iterations (epochs × iterations per epoch), read from each run's
+``log.txt`` and ``args.json``.
 
-    python -m utils.plot runs/cifar10MT@250-s0 runs/cifar10L2IO@250-s0 -o figure/cifar10@250.png
+    python -m utils.plot                                   # every run folder under runs/, to curves.png
+    python -m utils.plot runs/cifar10MT@250-s0 runs/cifar10L2IO@250-s0 -o cifar10@250.png
 
-Runs still in progress are drawn up to their last finished epoch; the dot on each test curve marks
-the epoch of best validation value (the model ``summary.json`` reports).
+Runs still in progress are drawn up to their last finished epoch; the star on each test curve marks
+the epoch of best validation value (the model ``summary.json`` reports). Each run has its own colour,
+line style and marker, so curves that coincide stay apart. Tensorboard's step is samples seen: these
+iterations × the batch size.
 """
 import argparse
 import os
@@ -14,12 +18,30 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 
-from utils.results import display_names, load_runs  # noqa: E402
+from utils.results import DEFAULT_ROOT, display_names, load_runs, nothing_read, run_folders_under  # noqa: E402
 
-METRIC_TITLES = {"acc": "Test accuracy (%)", "me": "Test mean error (fraction of inter-ocular distance)"}
-LOSS_COLUMNS = ("Train Loss", "Train Loss X", "Train Loss U")
+DEFAULT_OUTPUT = "curves.png"  # in the current folder: figures of one's own runs do not belong in the repository
+X_LABEL = "training iterations (epochs × iterations per epoch)"
+TEST_TITLES = {"acc": "test accuracy", "me": "test mean error"}
+LOSS_PANELS = (("Train Loss", "training loss L_x + w·L_u (w: ramped-up λ_u)"),
+               ("Train Loss X", "supervised loss L_x"),
+               ("Train Loss U", "unsupervised loss L_u (unweighted)"))
+# The y-axis units, from each task's losses and metrics in utils/tasks.py: CIFAR-10 trains on soft
+# cross-entropy (L_x) and the squared error between class probabilities (L_u); AFLW on the MSE of
+# landmark coordinates normalised by the training set's mean and std, for both.
+Y_LABELS = {
+    "cifar10": {"test": "top-1 accuracy (%)", "Train Loss": "cross-entropy + w × squared error",
+                "Train Loss X": "cross-entropy (nats)", "Train Loss U": "squared error of class probabilities"},
+    "aflw": {"test": "mean error (fraction of inter-ocular distance)",
+             "Train Loss": "MSE + w × MSE (normalised coordinates)",
+             "Train Loss X": "MSE (normalised coordinates)", "Train Loss U": "MSE (normalised coordinates)"},
+}
+# 4 and 7 are coprime: 28 runs before a (line style, marker) pair repeats.
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+MARKS_PER_CURVE = 8
 LEGEND_COLUMNS = 3
 
 
@@ -32,30 +54,58 @@ def iterations(run):
 
 
 def panels(runs):
-    """(title, column chooser) per panel: one per test metric present (their units differ), then losses."""
-    metrics = sorted({run.task.metric for run in runs})
-    chosen = [(METRIC_TITLES[m], lambda run, m=m: test_column(run.task) if run.task.metric == m else None)
-              for m in metrics]
-    return chosen + [(column, lambda run, column=column: column) for column in LOSS_COLUMNS]
+    """(dataset, log.txt column, title, y label) per panel: for each dataset, its test metric, then the
+    losses (units differ between datasets, so they share no panel)."""
+    datasets = sorted({run.values["dataset"] for run in runs})
+    chosen = []
+    for dataset in datasets:
+        task = next(run.task for run in runs if run.values["dataset"] == dataset)
+        prefix, units = (f"{dataset}: " if len(datasets) > 1 else ""), Y_LABELS[dataset]
+        chosen.append((dataset, test_column(task), prefix + TEST_TITLES[task.metric], units["test"]))
+        chosen += [(dataset, column, prefix + title, units[column]) for column, title in LOSS_PANELS]
+    return chosen
 
 
-def draw_panel(ax, title, column_of, runs, colors):
+def run_styles(runs):
+    """Colour, line style and marker per run; each run's marks start at a different epoch so that the
+    marks of coinciding curves do not hide each other."""
+    styles = []
+    for i, run in enumerate(runs):
+        every = max(1, len(run.rows) // MARKS_PER_CURVE)
+        styles.append(dict(color=plt.cm.tab10(i % 10), linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+                           marker=MARKERS[i % len(MARKERS)], markevery=(i % every, every)))
+    return styles
+
+
+def draw_panel(ax, panel, runs, styles):
+    dataset, column, title, ylabel = panel
     values_seen = []
-    for run, color in zip(runs, colors):
-        column = column_of(run)
-        if column is None or column not in run.rows[0]:
+    for run, style in zip(runs, styles):
+        if run.values["dataset"] != dataset or column not in run.rows[0]:
             continue
         xs, ys = iterations(run), [row[column] for row in run.rows]
-        ax.plot(xs, ys, color=color, linewidth=1.2, marker="." if len(xs) <= 30 else None)
+        ax.plot(xs, ys, linewidth=1.2, markersize=5, **style)
         values_seen += ys
         if column == test_column(run.task):
             best = run.values["best_epoch"]
-            ax.plot(xs[best - 1], ys[best - 1], "o", color=color, markersize=6, markeredgecolor="black")
-    if title in LOSS_COLUMNS and values_seen and min(values_seen) > 0 and max(values_seen) > 30 * min(values_seen):
+            ax.plot(xs[best - 1], ys[best - 1], "*", color=style["color"], markersize=12, markeredgecolor="black",
+                    zorder=3)
+    is_loss = column in dict(LOSS_PANELS)
+    if is_loss and values_seen and min(values_seen) > 0 and max(values_seen) > 30 * min(values_seen):
         ax.set_yscale("log")  # long runs' losses span orders of magnitude; zeros (SL has no L_u) cannot
+    format_axes(ax, title, ylabel)
+
+
+def format_axes(ax, title, ylabel):
     ax.set_title(title, fontsize=11)
-    ax.set_xlabel("training iterations")
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1M, not 1e6 in an offset text
+    if ax.get_yscale() == "linear":
+        # Matplotlib would otherwise move a shared offset or power of ten into a text above the axis,
+        # where it collides with the title.
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.grid(alpha=0.3)
 
 
@@ -63,21 +113,25 @@ def legend_label(name, run):
     return name if run.finished else f"{name} ({run.status})"
 
 
-def plot(runs, out):
+def figure(runs):
+    """One dataset: its four panels in 2 × 2; several: a row of four per dataset. The legend is below."""
     chosen = panels(runs)
-    ncols = 2 if len(chosen) <= 4 else 3
-    nrows = -(-len(chosen) // ncols)
+    nrows, ncols = (2, 2) if len(chosen) == 4 else (len(chosen) // 4, 4)
     legend_height = 0.3 + 0.3 * -(-len(runs) // LEGEND_COLUMNS)  # inches below the panels
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows + legend_height), squeeze=False)
-    colors = [plt.cm.tab10(i % 10) for i in range(len(runs))]
-    for ax, (title, column_of) in zip(axes.flat, chosen):
-        draw_panel(ax, title, column_of, runs, colors)
-    for ax in list(axes.flat)[len(chosen):]:
-        ax.set_visible(False)
-    handles = [plt.Line2D([], [], color=c, linewidth=2) for c in colors]
+    styles = run_styles(runs)
+    for ax, panel in zip(axes.flat, chosen):
+        draw_panel(ax, panel, runs, styles)
+    handles = [plt.Line2D([], [], color=s["color"], linestyle=s["linestyle"], marker=s["marker"], linewidth=1.5)
+               for s in styles]
     fig.legend(handles, [legend_label(n, r) for n, r in zip(display_names(runs), runs)], loc="lower center",
-               ncol=min(len(runs), LEGEND_COLUMNS), frameon=False, fontsize=10)
+               ncol=min(len(runs), LEGEND_COLUMNS), frameon=False, fontsize=10, handlelength=3)
     fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
+    return fig
+
+
+def plot(runs, out):
+    fig = figure(runs)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -85,12 +139,13 @@ def plot(runs, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Learning curves of run folders on one figure.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders or glob patterns")
-    p.add_argument("-o", "--output", default="figure/curves.png", help="PNG to write (default figure/curves.png)")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                   help=f"run folders or glob patterns (default: every run folder under {DEFAULT_ROOT}/)")
+    p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"PNG to write (default {DEFAULT_OUTPUT})")
     args = p.parse_args(argv)
-    runs = load_runs(args.runs)
+    runs = load_runs(args.runs or run_folders_under(DEFAULT_ROOT))
     if not runs:
-        print("error: no run folder could be read", file=sys.stderr)
+        print(f"error: {nothing_read(args.runs)}", file=sys.stderr)
         return 1
     plot(runs, args.output)
     print(f"wrote {args.output}: {len(runs)} run{'' if len(runs) == 1 else 's'}")

@@ -1,11 +1,13 @@
 """Tables over run folders: one row per run, then mean ± std over seeds.
 
+    python -m utils.results                       # every run folder directly under runs/
     python -m utils.results runs/cifar10MT@250-s* runs/cifar10L2IO@250-s* [--csv results.csv]
 
-Every protocol value (SPEC §F.3) is computed from ``log.txt`` with the training scripts' own
+Every protocol value (docs/evaluation.md §3) is computed from ``log.txt`` with the training scripts' own
 ``summarize``, so a run still in progress is shown like a finished one; where ``summary.json`` exists
 it must agree, and a disagreement is reported. Folders that cannot be read are named on stderr and
-skipped.
+skipped. Runs are averaged only when every option that changes the experiment is the same
+(``NOT_SETTINGS`` lists the ones that do not).
 """
 import argparse
 import csv
@@ -15,21 +17,31 @@ import math
 import os
 import statistics
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
+from utils.checkpoint import CHECKPOINT
 from utils.logger import LOG
 from utils.tasks import TASKS
 from utils.training import summarize
 
 ARGS, SUMMARY = "args.json", "summary.json"
+RUN_FILES = (ARGS, LOG, SUMMARY, CHECKPOINT)  # any of them marks a folder as a run folder
+DEFAULT_ROOT = "runs"  # where utils.experiments puts the grid's run folders
 METHODS = ("SL", "PL", "MT", "MM", "L2I-O", "L2I-L")  # table order
 REQUIRED_ARGS = ("method", "dataset", "n_labeled", "manualSeed", "epochs", "val_iteration")
 # log.txt holds 6 decimals, summary.json full floats: they agree within the rounding of the log.
 LOG_TOLERANCE = 1e-6
 CHECKED = ("method", "dataset", "n_labeled", "seed", "epochs", "best_epoch", "best_val", "test_at_best_val",
            "median_last20_test", "mean_last20_test")
+# args.json keys that do not change what is trained, so runs differing only in them are repeats of one
+# experiment: the seed (the table averages over it), where and on what a run executes, and bookkeeping
+# the training engine records rather than an option. Keys whose value is a dict or list are bookkeeping
+# too. Every other key, including ones a copied script adds, tells experiments apart.
+NOT_SETTINGS = ("manualSeed", "out", "gpu", "workers", "no_progress", "resume", "versions", "git_commit", "command",
+                "resumes", "started")
 METRIC_NAMES = {"acc": "test accuracy (%)", "me": "test mean error (fraction of the inter-ocular distance)"}
 
 
@@ -65,6 +77,12 @@ class RunRecord:
     @property
     def wall_time_s(self):
         return self.summary.get("wall_time_s") if self.finished else None
+
+    @property
+    def settings(self):
+        """The options that define the experiment, as {name: value} (see ``NOT_SETTINGS``)."""
+        return {key: value for key, value in self.args.items()
+                if key not in NOT_SETTINGS and not isinstance(value, (dict, list))}
 
 
 # ----------------------------------------------------------------------------- reading one run folder
@@ -160,6 +178,23 @@ def load_run(path):
     return run, None
 
 
+def run_folders_under(root):
+    """The folders directly under ``root`` holding a run file; others there (such as a Slurm log folder)
+    are not runs and are passed over without a remark."""
+    if not os.path.isdir(root):
+        return []
+    children = [os.path.join(root, name) for name in sorted(os.listdir(root))]
+    return [path for path in children
+            if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)]
+
+
+def nothing_read(patterns):
+    """The one-line reason for an empty table or figure."""
+    if patterns:
+        return "no run folder could be read"
+    return f"no run folder could be read under {DEFAULT_ROOT}/; name run folders or glob patterns"
+
+
 def expand(patterns):
     """Folders named on the command line; patterns the shell left unexpanded are globbed here."""
     folders = []
@@ -248,27 +283,87 @@ def mean_std(values, metric):
     return f"{number(statistics.mean(values), metric)} ± {number(statistics.stdev(values), metric)}"
 
 
-def group_key(run):
+@dataclass
+class Group:
+    members: list   # runs with the same settings, by seed
+    setting: str    # "name=value, ..." of the options that tell it from groups of the same method,
+                    # dataset and labels; empty when there is no such group
+
+    @property
+    def name(self):
+        v = self.members[0].values
+        name = f"{v['method']} on {v['dataset']} with {labels(v['n_labeled'])} labels"
+        return f"{name} ({self.setting})" if self.setting else name
+
+
+def headline(run):
+    """Dataset, method and label count in table order: the paper's methods first, others after them."""
     v = run.values
     method_rank = METHODS.index(v["method"]) if v["method"] in METHODS else len(METHODS)
     return v["dataset"], method_rank, v["method"], math.inf if v["n_labeled"] == -1 else v["n_labeled"]
 
 
+def sortable(value):
+    """Option values of mixed types (numbers, strings, None) in one stable order."""
+    if value is None:
+        return 2, ""
+    if isinstance(value, (int, float)):
+        return 0, value
+    return 1, str(value)
+
+
+def shown(value):
+    return "not recorded" if value is None else str(value)
+
+
 def groups(runs):
-    grouped = {}
-    for run in sorted(runs, key=group_key):
-        grouped.setdefault(group_key(run), []).append(run)
-    return list(grouped.values())
+    """Runs whose settings agree on every option any of them records (an option missing from a run's
+    args.json, as in older runs, counts as None), in table order."""
+    names = list(dict.fromkeys(name for run in runs for name in run.settings))
+    by_settings = defaultdict(list)
+    for run in runs:
+        by_settings[tuple(run.settings.get(name) for name in names)].append(run)
+    by_headline = defaultdict(list)
+    for settings, members in by_settings.items():
+        by_headline[headline(members[0])].append(settings)
+    ordered = []
+    for head in sorted(by_headline):
+        siblings = sorted(by_headline[head], key=lambda settings: [sortable(v) for v in settings])
+        for settings, setting in zip(siblings, setting_labels(names, siblings)):
+            ordered.append(Group(sorted(by_settings[settings], key=lambda run: run.values["seed"]), setting))
+    return ordered
 
 
-def group_table(runs):
-    header = ["method", "dataset", "labels", "runs", "seeds", "test @ best val", "median last 20", "mean last 20"]
+def setting_labels(names, siblings):
+    """For each settings tuple of groups sharing method, dataset and labels: "name=value, ..." of the
+    options in which they differ."""
+    differing = [i for i in range(len(names)) if len({settings[i] for settings in siblings}) > 1]
+    return [", ".join(f"{names[i]}={shown(settings[i])}" for i in differing) for settings in siblings]
+
+
+def warn_about_repeated_seeds(grouped):
+    """Runs of one group sharing a seed repeat one sample rather than add one: their spread is not a
+    spread over seeds."""
+    for group in grouped:
+        paths_by_seed = defaultdict(list)
+        for run in group.members:
+            paths_by_seed[run.values["seed"]].append(run.path)
+        for seed, paths in paths_by_seed.items():
+            if len(paths) > 1:
+                print(f"warning: {group.name}: {len(paths)} runs share seed {seed} ({', '.join(paths)}); "
+                      f"they are averaged as if they were different seeds", file=sys.stderr)
+
+
+def group_table(grouped):
+    header = ["method", "dataset", "labels", "setting", "runs", "seeds", "test @ best val", "median last 20",
+              "mean last 20"]
     rows = []
-    for members in groups(runs):
+    for group in grouped:
+        members = group.members
         first, m = members[0].values, members[0].task.metric
         unfinished = sum(not run.finished for run in members)
         count = f"{len(members)} ({unfinished} unfinished)" if unfinished else str(len(members))
-        rows.append([first["method"], first["dataset"], labels(first["n_labeled"]), count,
+        rows.append([first["method"], first["dataset"], labels(first["n_labeled"]), group.setting, count,
                      ", ".join(str(run.values["seed"]) for run in members)]
                     + [mean_std([run.values[key] for run in members], m)
                        for key in ("test_at_best_val", "median_last20_test", "mean_last20_test")])
@@ -291,24 +386,29 @@ def write_csv(path, runs):
                              "epochs": run.args["epochs"], "wall_time_s": run.wall_time_s, "note": run.note})
 
 
-def report(runs):
+def report(runs, grouped):
     metrics = sorted({(run.values["dataset"], run.task.metric) for run in runs})
     legend = "; ".join(f"{dataset}: {METRIC_NAMES[metric]}" for dataset, metric in metrics)
-    return (f"### Runs\n\n{run_table(runs)}\n\n### Over seeds (mean ± sample std)\n\n{group_table(runs)}\n\n"
+    return (f"### Runs\n\n{run_table(runs)}\n\n### Over seeds (mean ± sample std)\n\n{group_table(grouped)}\n\n"
             f"Values: {legend}. \"test @ best val\" is the test value at the first epoch with the best "
-            f"validation value; \"last 20\" are the last 20 epochs (fewer in shorter runs).")
+            f"validation value; \"last 20\" are the last 20 epochs (fewer in shorter runs). Runs are averaged "
+            f"only when all their options agree; \"setting\" names the options that tell apart groups of the "
+            f"same method, dataset and labels.")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tables of the protocol values of run folders (SPEC §F.3).")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders or glob patterns")
+    p = argparse.ArgumentParser(description="Tables of the protocol values of run folders (docs/evaluation.md §3).")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                   help=f"run folders or glob patterns (default: every run folder under {DEFAULT_ROOT}/)")
     p.add_argument("--csv", metavar="FILE", help="also write the per-run table as CSV")
     args = p.parse_args(argv)
-    runs = load_runs(args.runs)
+    runs = load_runs(args.runs or run_folders_under(DEFAULT_ROOT))
     if not runs:
-        print("error: no run folder could be read", file=sys.stderr)
+        print(f"error: {nothing_read(args.runs)}", file=sys.stderr)
         return 1
-    print(report(runs))
+    grouped = groups(runs)
+    warn_about_repeated_seeds(grouped)
+    print(report(runs, grouped))
     if args.csv:
         write_csv(args.csv, runs)
     return 0

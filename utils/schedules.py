@@ -1,4 +1,4 @@
-"""Ramp-up of the unsupervised weight (SPEC §B.0.2)."""
+"""Ramp-up of the unsupervised weight (docs/method.md §2.2)."""
 
 
 def linear_rampup(current, rampup_length):

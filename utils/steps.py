@@ -3,7 +3,7 @@ import torch
 
 
 def consistency_update(run, batch, labeler):
-    """One optimizer step on ``L_x + w·L_u`` (SPEC §B.1.1 steps 1-4, §B.2.2-§B.2.3 steps 1-3).
+    """One optimizer step on ``L_x + w·L_u`` (docs/method.md §3.1 steps 1-4, §4.2-§4.3 steps 1-4).
 
     ``labeler`` (the mean teacher for MT and L2I, the student itself for PL) predicts view 2 without
     gradient; the task turns that into a label for view 1 (softmax, or shift-compensated landmarks).

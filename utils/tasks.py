@@ -1,8 +1,8 @@
-"""What differs between the two tasks, gathered in one small object per dataset (DESIGN.md §3).
+"""What differs between the two tasks, gathered in one small object per dataset (docs/method.md §2.7).
 
 A training script's ``train_step`` is written once; it asks the task for the supervised loss, the
 consistency loss, how a network output on view 2 becomes an imputed label (softmax for classes;
-shift-compensated normalised coordinates for landmarks, SPEC §B.0.5), and the task's defaults.
+shift-compensated normalised coordinates for landmarks, docs/method.md §2.5), and the task's defaults.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -66,7 +66,7 @@ class Cifar10Task:
                ("Test Acc.", "test_acc")]
     scalars = {"losses/train_loss": "train_loss", "losses/valid_loss": "val_loss", "losses/test_loss": "test_loss",
                "accuracy/train_acc": "train_acc", "accuracy/val_acc": "val_acc", "accuracy/test_acc": "test_acc"}
-    train_stats_on_student = False   # "Train Stats" evaluate the reported model (SPEC §F.1)
+    train_stats_on_student = False   # "Train Stats" evaluate the reported model (docs/evaluation.md §1)
 
     def load(self, args):
         from dataset.cifar10 import load_cifar10
@@ -84,7 +84,7 @@ class Cifar10Task:
         return torch.optim.Adam(params, lr=args.lr)
 
     def lr_at(self, epoch, args):
-        return args.lr  # constant (SPEC §C.1)
+        return args.lr  # constant (docs/defaults.md §1)
 
     def ramp_progress(self, epoch, iteration, step, args):
         return epoch + iteration / args.val_iteration  # fractional epochs
@@ -132,7 +132,7 @@ class Cifar10Task:
         return F.mse_loss(self.prediction(student_out), target)  # mean over B×10
 
     def student_forward(self, model, x_l, u1):
-        """Labeled and view-1 outputs through the 2-way BN interleave (SPEC §B.0.3)."""
+        """Labeled and view-1 outputs through the 2-way BN interleave (docs/method.md §2.3)."""
         return interleaved_forward(model, [x_l, u1])
 
     def evaluate(self, model, loader, device):
@@ -154,8 +154,8 @@ class AflwTask:
     scalars = {"losses/train_loss": "train_loss", "losses/valid_loss": "val_loss", "losses/test_loss": "test_loss",
                "accuracy/train_me": "train_me", "accuracy/val_me": "val_me", "accuracy/test_me": "test_me",
                "accuracy/train_fr": "train_fr", "accuracy/val_fr": "val_fr", "accuracy/test_fr": "test_fr"}
-    train_stats_on_student = True    # SPEC §F.2: "Train Stats" always on the student
-    lr_decay_every = 100             # ×0.1 when (epoch + 1) is a multiple of 100 (SPEC §B.2)
+    train_stats_on_student = True    # docs/evaluation.md §2: "Train Stats" always on the student
+    lr_decay_every = 100             # ×0.1 when (epoch + 1) is a multiple of 100 (docs/method.md §4.6)
 
     def load(self, args):
         from dataset.aflw import load_aflw
@@ -207,7 +207,7 @@ class AflwTask:
         return outputs
 
     def impute(self, outputs_view2, batch):
-        """A view-2 prediction as a view-1 label: shift compensation S (SPEC §B.0.5), differentiable."""
+        """A view-2 prediction as a view-1 label: shift compensation S (docs/method.md §2.5), differentiable."""
         from utils.landmarks import shift_compensate
         return shift_compensate(outputs_view2, *batch.shift, self.mean, self.std)
 
@@ -216,7 +216,7 @@ class AflwTask:
 
     def student_forward(self, model, x_l, u1):
         """TCDCNN has no batch-dependent layer: one forward over both (the authors' regression
-        interleave has no numerical effect, SPEC §B.0.3)."""
+        interleave has no numerical effect, docs/method.md §2.3)."""
         out = model(torch.cat([x_l, u1]))
         return out[:len(x_l)], out[len(x_l):]
 

@@ -44,7 +44,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     epoch: int = 0       # 0-based epoch being trained
     iteration: int = 0   # 0-based iteration inside the epoch
-    step: int = 0        # global iteration counter t (SPEC §0.3), advanced after each train_step
+    step: int = 0        # global iteration counter t (docs/method.md §1.1), advanced after each train_step
 
     def autocast(self):
         """bf16 autocast with ``--amp``; a no-op context otherwise."""
@@ -55,7 +55,7 @@ class Run:
         return self.optimizer.param_groups[0]["lr"]
 
     def unsup_weight(self):
-        """``lambda_u · ramp(progress, rampup_length)`` (SPEC §B.0.2)."""
+        """``lambda_u · ramp(progress, rampup_length)`` (docs/method.md §2.2)."""
         progress = self.task.ramp_progress(self.epoch, self.iteration, self.step, self.args)
         return self.args.lambda_u * linear_rampup(progress, self.args.rampup_length)
 
@@ -65,7 +65,7 @@ class NonFiniteLoss(Exception):
 
 
 class Restarting:
-    """A loader's iterator, restarted whenever it is exhausted (SPEC §B.0.6)."""
+    """A loader's iterator, restarted whenever it is exhausted (docs/method.md §2.6)."""
 
     def __init__(self, loader):
         self.loader, self.iterator = loader, iter(loader)
@@ -305,7 +305,7 @@ def train_and_evaluate_epoch(run, loaders, eval_loaders, train_step):
     for group in run.optimizer.param_groups:
         group["lr"] = task.lr_at(run.epoch, args)
     losses = train_epoch(run, loaders, train_step)
-    run.ema_eval.copy_buffers(run.student)  # end-of-epoch BN sync (SPEC §B.0.1)
+    run.ema_eval.copy_buffers(run.student)  # end-of-epoch BN sync (docs/method.md §2.1)
     reported, other = ((run.ema_eval.model, run.student) if args.eval_model == "ema"
                        else (run.student, run.ema_eval.model))
     record = {f"train_{k}": v for k, v in losses.items()}
@@ -315,7 +315,7 @@ def train_and_evaluate_epoch(run, loaders, eval_loaders, train_step):
         record.update({f"train_{k}": v for k, v in train_stats.items() if k != "loss"})
         for split, loader in eval_loaders.items():
             record.update({f"{split}_{k}": v for k, v in task.evaluate(reported, loader, run.device).items()})
-            if task.train_stats_on_student:  # AFLW: also log the model not reported (SPEC §H.2 20)
+            if task.train_stats_on_student:  # AFLW: also log the model not reported (docs/faithfulness.md §2.20)
                 record.update({f"other_{split}_{k}": v
                                for k, v in task.evaluate(other, loader, run.device).items()})
     record.update(lr=run.lr, lambda_u=run.unsup_weight(), epoch=run.epoch + 1)
@@ -383,7 +383,7 @@ class EpochLosses:
 # ----------------------------------------------------------------------------- bookkeeping
 
 def update_best(task, best, epoch, record):
-    """Model selection on the validation metric; strictly better replaces (SPEC §F)."""
+    """Model selection on the validation metric; strictly better replaces (docs/evaluation.md §3)."""
     value = record[f"val_{task.metric}"]
     if best is None or (value > best["val"] if task.higher_is_better else value < best["val"]):
         return {"val": value, "epoch": epoch + 1, "test": record[f"test_{task.metric}"]}, True
@@ -416,7 +416,7 @@ def epoch_line(task, epoch, epochs, record):
 
 
 def summarize(task, history, wall_time, args):
-    """Every candidate protocol value (SPEC §F.3): best-validation epoch's test value, median and mean of
+    """Every candidate protocol value (docs/evaluation.md §3): best-validation epoch's test value, median and mean of
     the last 20 test values."""
     m = task.metric
     vals = [row[f"val_{m}"] for row in history]
