@@ -328,25 +328,24 @@ def train_epoch(run, loaders, train_step):
     streams = {name: Restarting(loader) for name, loader in loaders.items()}
     losses = EpochLosses(run.epoch, args.val_iteration)
     progress = EpochProgress(run.epoch + 1, args.epochs, args.val_iteration, enabled=not args.no_progress)
-    data_time = step_time = 0.0
+    started, data_time = time.perf_counter(), 0.0
     for run.iteration in range(args.val_iteration):
         tick = time.perf_counter()
         labeled, unlabeled, meta = (streams[name].next() if name in streams else None
                                     for name in ("labeled", "unlabeled", "meta"))
         batch = run.task.make_batch(labeled, unlabeled, meta, run.device)
-        loaded = time.perf_counter()
+        data_time += time.perf_counter() - tick
         with run.autocast():
             losses.add(run.iteration, train_step(run, batch))
         run.step += 1
-        data_time += loaded - tick
-        step_time += time.perf_counter() - tick
         done = run.iteration + 1
         if progress.due(done):
-            progress.show(done, step_time / done, losses.means(done)["loss"])
-    means = losses.means(args.val_iteration)
+            progress.show(done, (time.perf_counter() - started) / done, losses.means(done)["loss"])
+    means = losses.means(args.val_iteration)  # on a GPU, also waits for the epoch's last iterations
     progress.finish()
-    print(f"  {step_time / done:.3f} s per iteration, of which data loading "
-          f"{data_time / done:.3f} s ({100 * data_time / step_time:.1f} %)", flush=True)
+    seconds = time.perf_counter() - started
+    print(f"  {seconds / args.val_iteration:.3f} s per iteration, of which waiting for data "
+          f"{data_time / args.val_iteration:.3f} s ({100 * data_time / seconds:.1f} %)", flush=True)
     return means
 
 
