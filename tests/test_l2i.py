@@ -11,7 +11,6 @@
 utils/meta.py's own exact-vs-unroll-vs-finite-difference tests live in tests/test_meta.py.
 """
 import copy
-import dataclasses
 import json
 import os
 import re
@@ -73,10 +72,7 @@ def make_run(method, task_name, dtype):
 
 def make_batch(run, dtype, seed):
     torch.manual_seed(seed)
-    batch = random_batch(run)
-    return dataclasses.replace(batch, **{
-        f.name: getattr(batch, f.name).to(dtype) for f in dataclasses.fields(batch)
-        if isinstance(getattr(batch, f.name), torch.Tensor) and getattr(batch, f.name).is_floating_point()})
+    return random_batch(run, dtype)
 
 
 _PRIMED = {}

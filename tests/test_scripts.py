@@ -27,7 +27,6 @@ from dataset.cifar10 import read_cifar10
 from models.tcdcnn import TCDCNN
 from models.wideresnet import WideResNet
 from utils.defaults import defaults
-from utils.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 # One BLAS/OpenMP thread per script: on a busy 2-core machine more threads oversubscribe the cores and
@@ -82,8 +81,8 @@ def load_script(method):
     return module
 
 
-def main_exit_code(method, argv, capsys, module=None):
-    """Run ``main(argv)`` in-process; return (exit status, stderr). Status 0 when main returns."""
+def run_in_process(method, argv, capsys, module=None):
+    """Run ``main(argv)`` in-process; return (exit status, stdout, stderr). Status 0 when main returns."""
     module = module or load_script(method)
     capsys.readouterr()
     try:
@@ -91,7 +90,14 @@ def main_exit_code(method, argv, capsys, module=None):
         code = 0
     except SystemExit as exc:
         code = exc.code
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def main_exit_code(method, argv, capsys, module=None):
+    """Run ``main(argv)`` in-process; return (exit status, stderr)."""
+    code, _, err = run_in_process(method, argv, capsys, module)
+    return code, err
 
 
 def assert_one_error_line(stderr):

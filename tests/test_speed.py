@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.cifar10 import CifarImages, DeviceBatches, augment, augment_batch, normalise
+from tests.test_scripts import main_exit_code
 from utils.benchmark import make_config, random_batch
 from utils.options import SPEED_FLAGS, common_parser, finalize
 from utils.scripts import load_script
@@ -335,10 +336,7 @@ def train_from_seed(method, task, flags, iterations, dtype=torch.float32):
             run.optimizer = torch.optim.SGD(run.student.parameters(), lr=run.args.lr)
         initial = model_states(run)
         torch.manual_seed(1)
-        batches = [random_batch(run) for _ in range(iterations)]
-        for batch in batches:
-            for field in ("x_l", "y_l", "u1", "u2", "x_m", "y_m"):
-                setattr(batch, field, getattr(batch, field).to(dtype))
+        batches = [random_batch(run, dtype) for _ in range(iterations)]
         losses = []
         for batch in batches:
             with run.autocast():
@@ -596,20 +594,9 @@ def test_data_on_device_trains_mt_on_cifar10(background_runs):
     assert_finished_run(folder, 2, "data_on_device")
 
 
-def run_main(method, argv, capsys):
-    """``train-<method>.py ARGS`` in-process (no 5 s interpreter start): (exit status, stderr)."""
-    capsys.readouterr()
-    try:
-        load_script(method).main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
 def test_data_on_device_is_refused_for_aflw(aflw_root, tmp_path, capsys, monkeypatch, global_rng_restored):
     monkeypatch.chdir(tmp_path)   # anything written to a default path would land here and be seen
-    code, err = run_main("SL", ["--data-root", aflw_root, "--n-labeled", "-1", *RUN_OPTIONS, "--data-on-device",
+    code, err = main_exit_code("SL", ["--data-root", aflw_root, "--n-labeled", "-1", *RUN_OPTIONS, "--data-on-device",
                                 "--out", tmp_path / "run"], capsys)
     assert code == 2, err
     lines = err.splitlines()
@@ -620,7 +607,7 @@ def test_data_on_device_is_refused_for_aflw(aflw_root, tmp_path, capsys, monkeyp
 
 def test_amp_trains_sl_on_aflw(aflw_root, tmp_path, capsys, global_rng_restored):
     folder = tmp_path / "run"
-    code, err = run_main("SL", ["--data-root", aflw_root, "--n-labeled", "-1", *RUN_OPTIONS, "--amp",
+    code, err = main_exit_code("SL", ["--data-root", aflw_root, "--n-labeled", "-1", *RUN_OPTIONS, "--amp",
                                 "--out", folder], capsys)
     assert code == 0, err
     assert_finished_run(folder, 2, "amp")

@@ -23,7 +23,7 @@ from utils.errors import UserError
 from utils.interleave import interleave, interleave_offsets, interleaved_forward
 from utils.options import SPEED_FLAGS, finalize, infer_dataset
 from utils.schedules import linear_rampup
-from utils.tasks import TASKS, AflwTask, Cifar10Task
+from utils.tasks import AflwTask, Cifar10Task
 from utils.training import Run, build_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from dataset.synthetic import make_cifar10
-from tests.test_scripts import (CIFAR_OPTIONS, REPO, RUN_OPTIONS, SCRIPT_ENV, assert_ok, assert_one_error_line,
-                                cli, load_script, main_exit_code, snapshot)
+from tests.test_scripts import (CIFAR_OPTIONS, REPO, SCRIPT_ENV, assert_ok, assert_one_error_line,
+                                load_script, run_in_process, snapshot)
 from utils.defaults import available_cpus, data_workers
 from utils.logger import EpochProgress
 from utils.options import labeled_amount
@@ -129,18 +129,6 @@ def test_the_progress_bar_fits_80_columns(monkeypatch):
                                        .replace("\x1b[?25h", "")) if line.strip()]
     assert len(lines) == 3 and all("Epoch 1024/1024" in line for line in lines), lines
     assert max(len(line.rstrip()) for line in lines) <= 80, max(lines, key=len)
-
-
-def run_in_process(method, argv, capsys):
-    """``main(argv)`` of a script in this process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        load_script(method).main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def small_run(roots, out, *extra):

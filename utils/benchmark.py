@@ -10,6 +10,7 @@ taken under the same machine conditions; ``ratio_to_mt`` is the median of those 
 On CUDA the clock is read after ``torch.cuda.synchronize()``.
 """
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -55,8 +56,9 @@ def make_config(method, task_name, device, script_argv):
     return module.train_step, run
 
 
-def random_batch(run):
-    """A batch as the loaders deliver it, moved to the device (random values, real shapes and types)."""
+def random_batch(run, dtype=torch.float32):
+    """A batch as the loaders deliver it, moved to the device (random values, real shapes and types).
+    The values are drawn in float32 whatever ``dtype``, so a float64 batch holds the float32 one's values."""
     n, device = run.args.batch_size, run.device
     if run.task.name == "cifar10":
         def images():
@@ -64,13 +66,16 @@ def random_batch(run):
 
         def labels():
             return F.one_hot(torch.randint(0, 10, (n,), device=device), 10).float()
-        return Batch(x_l=images(), y_l=labels(), u1=images(), u2=images(), x_m=images(), y_m=labels())
-
-    def images():
-        return torch.rand(n, 1, 60, 60, device=device)
-    shift = tuple(torch.randint(-4, 5, (n,), device=device) for _ in range(4))
-    return Batch(x_l=images(), y_l=torch.randn(n, 10, device=device), u1=images(), u2=images(), shift=shift,
-                 x_m=images(), y_m=torch.randn(n, 10, device=device))
+        batch = Batch(x_l=images(), y_l=labels(), u1=images(), u2=images(), x_m=images(), y_m=labels())
+    else:
+        def images():
+            return torch.rand(n, 1, 60, 60, device=device)
+        shift = tuple(torch.randint(-4, 5, (n,), device=device) for _ in range(4))
+        batch = Batch(x_l=images(), y_l=torch.randn(n, 10, device=device), u1=images(), u2=images(), shift=shift,
+                      x_m=images(), y_m=torch.randn(n, 10, device=device))
+    return dataclasses.replace(batch, **{field.name: value.to(dtype) for field in dataclasses.fields(batch)
+                                         if torch.is_tensor(value := getattr(batch, field.name))
+                                         and value.is_floating_point()})
 
 
 def timed_iteration(train_step, run, batch):

@@ -369,10 +369,7 @@ def l2i_run(method, task_name, device, dtype):
 def batch_in(run, dtype, seed):
     from utils.benchmark import random_batch
     torch.manual_seed(seed)
-    batch = random_batch(run)
-    return dataclasses.replace(batch, **{
-        f.name: getattr(batch, f.name).to(dtype) for f in dataclasses.fields(batch)
-        if isinstance(getattr(batch, f.name), torch.Tensor) and getattr(batch, f.name).is_floating_point()})
+    return random_batch(run, dtype)
 
 
 def relative_error(actual, expected):

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-from utils.defaults import DATASETS, METHODS, TASK_TITLES, UNSUPERVISED, defaults
+from utils.defaults import METHODS, TASK_TITLES, UNSUPERVISED, defaults
 from utils.errors import UserError
 
 # Options that may differ when a run is resumed; all others must match the run's own.
