@@ -25,36 +25,70 @@ def parse_args(argv=None):
 if __name__ == "__main__":  # --help and option errors answer now, before PyTorch is imported
     check_command_line(parse_args)
 
-from utils.meta import imputed_label_gradient, label_generator_output  # noqa: E402  (imports PyTorch)
-from utils.steps import consistency_update  # noqa: E402
-from utils.training import run_script  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from utils.bookkeeping import bookkeeping  # noqa: E402  (imports PyTorch)
+from utils.ema import EvalEMA, MeanTeacher  # noqa: E402
+from utils.meta import imputed_label_gradient, label_generator_output  # noqa: E402
+from utils.runtime import compile_networks  # noqa: E402
+from utils.schedules import unsup_weight  # noqa: E402
+from utils.steps import consistency_update, set_lr  # noqa: E402
 
 
-def train_step(run, batch):
-    args = run.args
+def build(args, task, device):
+    """MT's networks (docs/method.md §2.1) and optimizer. The label generator φ is the student itself."""
+    student = task.build_student(args, device)
+    nets = SimpleNamespace(student=student,
+                           ema_eval=EvalEMA(student, args.ema_decay, args.ema_shrink * args.lr),
+                           mean_teacher=MeanTeacher(student, args.ema_decay),
+                           optimizer=task.make_optimizer(student.parameters(), args))
+    compile_networks(args, student, nets.ema_eval.model, nets.mean_teacher.model)
+    return nets
+
+
+def train_step(nets, batch, task, args, weight, step):
+    """One L2I-O iteration; ``weight`` = λ_u after its ramp-up, ``step`` = the global iteration t."""
+    student, optimizer = nets.student, nets.optimizer
     # 1-4. MT update: the mean teacher labels view 2; L_x + w·L_u; optimizer step #1 (utils/steps.py).
-    losses = consistency_update(run, batch, labeler=run.mean_teacher.model)
+    losses = consistency_update(student, optimizer, task, batch, nets.mean_teacher.model, weight)
     if args.ema_updates == 2:  # AFLW: EMA-E after each optimizer step (docs/method.md §4.4 step 4)
-        run.ema_eval.update(run.student)
-    run.optimizer.zero_grad(set_to_none=True)
+        nets.ema_eval.update(student)
+    optimizer.zero_grad(set_to_none=True)
     # 5-6. Label generator φ = the current student on view 2 (BN batch statistics, buffers untouched).
-    labels = label_generator_output(run.student, batch.u2)
+    labels = label_generator_output(student, batch.u2)
     # 7. The student on view 1: an extra, non-interleaved forward (docs/faithfulness.md §1.7).
-    student_out = run.student(batch.u1)
+    student_out = student(batch.u1)
     # 8-11. dM(θ')/dz with θ' = θ - η·∇θ V(o, z), η = virtual-step × current lr (utils/meta.py). The view-1
     # graph is not needed afterwards, so it is freed as soon as the virtual step has used it.
-    grad_labels = imputed_label_gradient(run, batch, student_out, labels, keep_graph=False)
+    lr = optimizer.param_groups[0]["lr"]
+    grad_labels = imputed_label_gradient(student, task, args, lr, batch, student_out, labels, keep_graph=False)
     # 12-13. Into the label generator's parameters (= the student's), then optimizer step #2 (shared state).
     labels.backward(grad_labels)
-    run.optimizer.step()
+    optimizer.step()
     # 14. EMA-E (with the student shrink on CIFAR-10), then the mean teacher.
-    run.ema_eval.update(run.student)
-    run.mean_teacher.update(run.student, run.step)
+    nets.ema_eval.update(student)
+    nets.mean_teacher.update(student, step)
     return losses
 
 
 def main(argv=None):
-    run_script(METHOD, parse_args, train_step, argv, datasets=DATASETS, meta_batches=True)
+    with bookkeeping(METHOD, parse_args, argv, DATASETS, streams=("labeled", "unlabeled", "meta")) as book:
+        args, task = book.args, book.task
+        nets = book.keep(build(args, task, book.device))  # checkpointed under these names
+        for epoch in book.epochs():
+            lr = task.lr_at(epoch, args)  # constant on CIFAR-10; ×0.1 at epoch 100 on AFLW (docs/defaults.md)
+            set_lr(nets.optimizer, lr)
+            for iteration, batch in book.iterations():
+                weight = unsup_weight(task, args, epoch, iteration, book.step)
+                with book.autocast():
+                    losses = train_step(nets, batch, task, args, weight, book.step)
+                book.record(**losses, lr=lr, lambda_u=weight)
+            # End of epoch (docs/method.md §3.5, §4.6): EMA-E takes the student's BN statistics; the model
+            # --eval-model names is evaluated and reported (docs/evaluation.md).
+            nets.ema_eval.copy_buffers(nets.student)
+            book.evaluate_epoch(nets.student, nets.ema_eval.model)
+            book.end_epoch()
+        book.finish()
 
 
 if __name__ == "__main__":

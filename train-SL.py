@@ -19,24 +19,58 @@ def parse_args(argv=None):
 if __name__ == "__main__":  # --help and option errors answer now, before PyTorch is imported
     check_command_line(parse_args)
 
-from utils.training import run_script  # noqa: E402  (imports PyTorch)
+from types import SimpleNamespace  # noqa: E402
+
+from utils.bookkeeping import bookkeeping  # noqa: E402  (imports PyTorch)
+from utils.ema import EvalEMA  # noqa: E402
+from utils.runtime import compile_networks  # noqa: E402
+from utils.steps import set_lr  # noqa: E402
 
 
-def train_step(run, batch):
-    loss = run.task.supervised_loss(run.student(batch.x_l), batch.y_l)
-    run.optimizer.zero_grad(set_to_none=True)
+def build(args, task, device):
+    """The student, its evaluation EMA (docs/method.md §2.1) and the optimizer. SL has no mean teacher."""
+    student = task.build_student(args, device)
+    nets = SimpleNamespace(student=student,
+                           ema_eval=EvalEMA(student, args.ema_decay, args.ema_shrink * args.lr),
+                           optimizer=task.make_optimizer(student.parameters(), args))
+    compile_networks(args, student, nets.ema_eval.model)
+    return nets
+
+
+def train_step(nets, batch, task, args, weight, step):
+    """One SL iteration. ``weight`` and ``step`` are unused (no unsupervised term, no teacher); every script's
+    ``train_step`` takes them, so that utils.benchmark times any script alike."""
+    # 1. The supervised loss on the labeled images.
+    loss = task.supervised_loss(nets.student(batch.x_l), batch.y_l)
+    # 2. Optimizer step.
+    nets.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    run.optimizer.step()
-    # EMA-E: on CIFAR-10 it is the evaluated model (with the student shrink). On AFLW the authors
+    nets.optimizer.step()
+    # 3. EMA-E: on CIFAR-10 it is the evaluated model (with the student shrink). On AFLW the authors
     # evaluate the student and never step EMA-E; stepping it here changes nothing the student sees
     # (no shrink on AFLW) and makes the logged "other model" meaningful.
-    run.ema_eval.update(run.student)
+    nets.ema_eval.update(nets.student)
     loss = loss.detach()
-    return {"loss": loss, "loss_x": loss, "loss_u": loss.new_zeros(())}
+    return {"loss": loss, "loss_x": loss}  # the supervised loss is the whole loss
 
 
 def main(argv=None):
-    run_script(METHOD, parse_args, train_step, argv, datasets=DATASETS, unlabeled_batches=False)
+    with bookkeeping(METHOD, parse_args, argv, DATASETS, streams=("labeled",)) as book:
+        args, task = book.args, book.task
+        nets = book.keep(build(args, task, book.device))  # checkpointed under these names
+        for epoch in book.epochs():
+            lr = task.lr_at(epoch, args)  # constant on CIFAR-10; ×0.1 at epoch 100 on AFLW (docs/defaults.md)
+            set_lr(nets.optimizer, lr)
+            for iteration, batch in book.iterations():
+                with book.autocast():
+                    losses = train_step(nets, batch, task, args, 0.0, book.step)
+                book.record(**losses, lr=lr)
+            # End of epoch (docs/method.md §3.5, §4.6): EMA-E takes the student's BN statistics; the model
+            # --eval-model names is evaluated and reported (docs/evaluation.md).
+            nets.ema_eval.copy_buffers(nets.student)
+            book.evaluate_epoch(nets.student, nets.ema_eval.model)
+            book.end_epoch()
+        book.finish()
 
 
 if __name__ == "__main__":

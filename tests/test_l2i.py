@@ -29,6 +29,7 @@ from torch.func import functional_call
 from models.tcdcnn import TCDCNN
 from models.wideresnet import WideResNet
 from utils.benchmark import make_config, random_batch
+from utils.schedules import unsup_weight
 from utils.steps import consistency_update
 from utils.tasks import TASKS
 
@@ -68,6 +69,12 @@ def make_run(method, task_name, dtype):
     for key, value in COUNTERS[task_name].items():
         setattr(run, key, value)
     return train_step, run
+
+
+def mt_update(run, batch):
+    """MT's consistency update (steps 1-4, utils/steps.py), as the scripts call it."""
+    weight = unsup_weight(run.task, run.args, run.epoch, run.iteration, run.step)
+    consistency_update(run.student, run.optimizer, run.task, batch, run.mean_teacher.model, weight)
 
 
 def make_batch(run, dtype, seed):
@@ -473,7 +480,7 @@ def test_cifar_iteration_updates_bn_statistics_only_in_the_three_student_forward
         assert torch.equal(buffer, ema_buffers[name]), name
     # Not only the counters: the statistics are exactly those of the three forwards, i.e. the MT update
     # (the same code as train-MT.py) followed by one plain student forward on view 1.
-    consistency_update(replay, batch, labeler=replay.mean_teacher.model)
+    mt_update(replay, batch)
     with torch.no_grad():
         replay.student(batch.u1)
     for (name, buffer), (_, expected) in zip(run.student.named_buffers(), replay.student.named_buffers()):
@@ -505,7 +512,7 @@ def mt_iteration_then_zero_gradient_step(run, batch):
     """An MT iteration (train-MT.py's consistency update) with L2I-O's extras and a zero meta-gradient:
     the extra view-1 forward (CIFAR, its BN update), EMA-E after step #1 (AFLW), optimizer step #2 on
     zero gradients in every slot the meta-gradient fills, then EMA-E and the mean teacher."""
-    consistency_update(run, batch, labeler=run.mean_teacher.model)
+    mt_update(run, batch)
     if run.task.name == "aflw":
         run.ema_eval.update(run.student)
     with torch.no_grad():
@@ -763,7 +770,7 @@ def test_cli_run_writes_the_run_folder(cli_runs, key):
     state = load_checkpoint_file(folder / "checkpoint.pth.tar")
     assert state["epoch"] == 2 and state["step"] == 4
     if task == "cifar10":   # Adam: two steps per iteration on one state (docs/faithfulness.md §1.5)
-        assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {8.0}
+        assert {float(s["step"]) for s in state["kept"]["optimizer"]["state"].values()} == {8.0}
 
 
 @pytest.mark.parametrize("key", E2E_RUNS, ids=E2E_IDS)
@@ -800,9 +807,9 @@ def test_cli_logs_the_model_that_spec_evaluates(cli_runs, method, task_name):
     loader = task.eval_loader(task.data.test, SimpleNamespace(**args))
     state = load_checkpoint_file(folder / "checkpoint.pth.tar")
     losses = {}
-    for which, key in (("student", "state_dict"), ("ema", "ema_state_dict")):
+    for which, key in (("student", "student"), ("ema", "ema_eval")):
         model = build()
-        model.load_state_dict(state[key])
+        model.load_state_dict(state["kept"][key])
         losses[which] = task.evaluate(model, loader, CPU)["loss"]
     logged = read_log_rows(folder, task_name)[-1]["Test Loss"]
     reported = EVAL_MODEL[(method, task_name)]
@@ -835,12 +842,12 @@ def test_cli_unroll_run_matches_the_exact_run(cli_runs):
     assert (exact_folder / "split.json").read_text() == (unroll_folder / "split.json").read_text()
     exact, unroll = (load_checkpoint_file(f / "checkpoint.pth.tar") for f in (exact_folder, unroll_folder))
     names = [n for n, _ in WideResNet().named_parameters()]
-    free = {names[i] for i, s in exact["optimizer"]["state"].items() if s["exp_avg_sq"].max().sqrt() < 1e-7}
+    free = {names[i] for i, s in exact["kept"]["optimizer"]["state"].items() if s["exp_avg_sq"].max().sqrt() < 1e-7}
     assert len(free) == 17
-    for key in ("state_dict", "ema_state_dict", "teacher_state_dict"):
+    for key in ("student", "ema_eval", "mean_teacher"):
         diff_sq = norm_sq = 0.0
-        for name, value in exact[key].items():
-            other = unroll[key][name]
+        for name, value in exact["kept"][key].items():
+            other = unroll["kept"][key][name]
             if not value.is_floating_point():
                 assert torch.equal(value, other), f"{key}.{name}"
                 continue

@@ -14,7 +14,7 @@ import pytest
 from utils import plot
 from utils.logger import write_log
 from utils.results import load_run
-from utils.tasks import TASKS
+from utils.evaluation import PROTOCOLS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -23,7 +23,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def make_run(folder, dataset="cifar10", seed=0, epochs=3, val_iteration=2, test=None, loss=None, finished=True):
     """A run folder of ``epochs`` logged epochs: the test metric ``test[e]`` (default rising), every loss
     ``loss[e]`` (default falling), validation equal to test; a finished one has its summary.json."""
-    task = TASKS[dataset]()
+    task = PROTOCOLS[dataset]
     test = test or [10.0 + e for e in range(epochs)]
     loss = loss or [2.0 / (e + 1) for e in range(epochs)]
     os.makedirs(folder)

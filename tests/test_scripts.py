@@ -167,12 +167,11 @@ def assert_identical(a, b, where="state"):
 def assert_same_run(reference, other):
     """``other`` (stopped and resumed) reproduces ``reference`` (uninterrupted) exactly."""
     ref, res = load(reference / "checkpoint.pth.tar"), load(other / "checkpoint.pth.tar")
-    for key in ("epoch", "step", "state_dict", "ema_state_dict", "teacher_state_dict", "optimizer", "history",
-                "best", "rng"):
+    for key in ("epoch", "step", "kept", "history", "best", "rng"):
         assert key in ref, key
         assert_identical(ref[key], res[key], key)
-    assert_identical(load(reference / "model_best.pth.tar")["state_dict"],
-                     load(other / "model_best.pth.tar")["state_dict"], "model_best")
+    assert_identical(load(reference / "model_best.pth.tar")["kept"],
+                     load(other / "model_best.pth.tar")["kept"], "model_best")
     assert (reference / "log.txt").read_text() == (other / "log.txt").read_text()
     assert (reference / "split.json").read_text() == (other / "split.json").read_text()
     assert read_scalars(reference) == read_scalars(other)
@@ -303,9 +302,10 @@ def test_tensorboard_scalars_one_per_epoch(runs, method, dataset):
     rows = read_log(folder, columns_of(dataset))
     scalars = read_scalars(folder)
     tags = CIFAR_TAGS if dataset == "cifar10" else AFLW_TAGS
-    assert set(tags) | {"train/lr", "train/lambda_u"} <= set(scalars), sorted(scalars)
+    schedules = ["train/lr"] + ([] if method == "SL" else ["train/lambda_u"])
+    assert set(tags) | set(schedules) <= set(scalars), sorted(scalars)
     steps = [SAMPLES_PER_EPOCH * (e + 1) for e in range(epochs)]
-    for tag in list(tags) + ["train/lr", "train/lambda_u"]:
+    for tag in list(tags) + schedules:
         assert [step for step, _ in scalars[tag]] == steps, tag
     for tag, column in tags.items():
         if column is not None:
@@ -314,7 +314,11 @@ def test_tensorboard_scalars_one_per_epoch(runs, method, dataset):
         assert all(0 <= v <= 100 for _, v in scalars["accuracy/train_acc"])
     args = json.loads((folder / "args.json").read_text())
     assert [v for _, v in scalars["train/lr"]] == pytest.approx([args["lr"]] * epochs)
-    # λ_u logged for epoch e lies between the weights at the start and the end of that epoch (docs/method.md §2.2)
+    if method == "SL":   # no unsupervised term, so no weight to log
+        assert "train/lambda_u" not in scalars and "losses/train_loss_u" not in scalars
+        return
+    # λ_u logged for epoch e (the mean of its iterations' weights) lies between the weights at the start and
+    # the end of that epoch (docs/method.md §2.2)
     for e, (_, value) in enumerate(scalars["train/lambda_u"]):
         if dataset == "cifar10":
             low, high = e, e + 1                                     # fractional epochs
@@ -322,28 +326,27 @@ def test_tensorboard_scalars_one_per_epoch(runs, method, dataset):
             low, high = ITERATIONS * e, ITERATIONS * (e + 1)         # global iterations
         ramp = [min(max(p / args["rampup_length"], 0), 1) if args["rampup_length"] else 1 for p in (low, high)]
         assert args["lambda_u"] * ramp[0] - 1e-6 <= value <= args["lambda_u"] * ramp[1] + 1e-6, (e, value)
-    if method == "SL":
-        assert all(v == 0 for _, v in scalars["train/lambda_u"])
-    else:
-        assert scalars["train/lambda_u"][-1][1] > 0
+    assert scalars["train/lambda_u"][-1][1] > 0
 
 
 @pytest.mark.parametrize("method, dataset", SCRIPT_RUNS)
 def test_checkpoints_load_with_weights_only(runs, method, dataset):
     folder = runs.uninterrupted(method, dataset)
     state = load(folder / "checkpoint.pth.tar")
-    assert {"args", "epoch", "state_dict", "ema_state_dict", "optimizer"} <= set(state)
+    assert {"args", "epoch", "kept"} <= set(state)
+    kept = state["kept"]
+    # Each script keeps the networks its method uses, and only those (SL, PL and MM have no mean teacher).
+    assert set(kept) == ({"student", "ema_eval", "mean_teacher", "optimizer"} if method in ("MT", "L2I-O", "L2I-L")
+                         else {"student", "ema_eval", "optimizer"})
     assert state["epoch"] == expected_epochs(dataset)
     assert state["args"]["method"] == method
     model = WideResNet() if dataset == "cifar10" else TCDCNN()
-    model.load_state_dict(state["state_dict"])
-    model.load_state_dict(state["ema_state_dict"])
-    if method in ("MT", "L2I-O", "L2I-L"):
-        model.load_state_dict(state["teacher_state_dict"])
-    first = next(iter(state["state_dict"]))
-    assert not torch.equal(state["state_dict"][first], state["ema_state_dict"][first])  # trained, EMA lags
+    for name in set(kept) - {"optimizer"}:
+        model.load_state_dict(kept[name])
+    first = next(iter(kept["student"]))
+    assert not torch.equal(kept["student"][first], kept["ema_eval"][first])  # trained, EMA lags
     best = load(folder / "model_best.pth.tar")
-    model.load_state_dict(best["state_dict"])
+    model.load_state_dict(best["kept"]["student"])
     summary = json.loads((folder / "summary.json").read_text())
     assert best["epoch"] == summary["best_epoch"]
 
@@ -382,6 +385,53 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(runs, tmp_path, method
     proc = cli(method, "--resume", folder, "--epochs", CIFAR_EPOCHS, "--gpu", "cpu", "--workers", 0, "--no-progress")
     assert_ok(proc)
     assert_same_run(reference, folder)
+
+
+def as_earlier_layout(state):
+    """A checkpoint as versions before the scripts owned their loops wrote it: four objects under fixed keys
+    (a mean teacher even for SL, PL and MM), epoch records with ``lr``, ``lambda_u`` and ``other_…`` keys."""
+    old = {k: v for k, v in state.items() if k not in ("format", "kept")}
+    kept = state["kept"]
+    old.update(state_dict=kept["student"], ema_state_dict=kept["ema_eval"], optimizer=kept["optimizer"],
+               teacher_state_dict=kept.get("mean_teacher", kept["student"]))
+    renamed = {"train_lr": "lr", "train_lambda_u": "lambda_u"}
+    old["history"] = [{renamed.get(k, k.replace("other_model/", "other_")): v for k, v in row.items()}
+                      for row in state["history"]]
+    return old
+
+
+@pytest.mark.parametrize("method", ["SL", "MT"])
+def test_a_checkpoint_of_the_earlier_layout_resumes_exactly(runs, tmp_path, method):
+    """Runs started before the scripts owned their loops continue: their checkpoint's objects are taken by
+    name (SL's unused mean teacher is dropped) and the resumed run equals the uninterrupted one."""
+    reference = runs.uninterrupted(method, "aflw")
+    folder = tmp_path / "earlier"
+    assert_ok(cli(method, *runs.options(method, "aflw"), "--epochs", 1, "--out", folder))
+    torch.save(as_earlier_layout(load(folder / "checkpoint.pth.tar")), folder / "checkpoint.pth.tar")
+    assert_ok(cli(method, "--resume", folder, "--epochs", AFLW_EPOCHS, "--gpu", "cpu", "--no-progress"))
+    assert_same_run(reference, folder)
+
+
+def test_resume_refuses_a_script_that_keeps_other_objects(runs, tmp_path, capsys):
+    """A script edited after its run started (here: it keeps one more tensor) cannot resume it exactly:
+    one line, and the run folder is untouched."""
+    folder = tmp_path / "run"
+    assert_ok(cli("MT", *runs.options("MT", "aflw"), "--epochs", 1, "--out", folder))
+    script = load_script("MT")
+    real_build = script.build
+
+    def build_with_an_extra_tensor(args, task, device):
+        nets = real_build(args, task, device)
+        nets.extra = torch.zeros(3)
+        return nets
+    script.build = build_with_an_extra_tensor
+    before = snapshot(folder)
+    code, err = main_exit_code("MT", ["--resume", folder, "--epochs", 2, "--gpu", "cpu", "--no-progress"], capsys,
+                               module=script)
+    assert code == 2
+    line = assert_one_error_line(err)
+    assert "extra" in line and "changed" in line
+    assert snapshot(folder) == before
 
 
 def test_ctrl_c_keeps_a_checkpoint_that_resumes_exactly(runs, tmp_path):
@@ -424,10 +474,10 @@ def test_ctrl_c_between_the_logs_and_the_checkpoint_loses_and_doubles_no_scalars
                                                                                    monkeypatch):
     """An epoch's log row and scalars are written before its checkpoint; Ctrl-C in between leaves the
     previous checkpoint, so the resumed run redoes the epoch and must end with one value per epoch."""
-    import utils.training
+    import utils.bookkeeping
     folder = tmp_path / "run"
     argv = data_options("aflw", "SL", roots) + ["--epochs", 2, "--out", folder]
-    real_save = utils.training.save_checkpoint
+    real_save = utils.bookkeeping.save_checkpoint
     calls = []
 
     def interrupted(state, *args, **kwargs):
@@ -436,13 +486,13 @@ def test_ctrl_c_between_the_logs_and_the_checkpoint_loses_and_doubles_no_scalars
             raise KeyboardInterrupt   # the signal lands as epoch 1's checkpoint is about to be written
         return real_save(state, *args, **kwargs)
 
-    monkeypatch.setattr(utils.training, "save_checkpoint", interrupted)
+    monkeypatch.setattr(utils.bookkeeping, "save_checkpoint", interrupted)
     code, err = main_exit_code("SL", argv, capsys)
     assert code == 130 and "--resume" in err
     assert calls == [0, 1]
     assert load(folder / "checkpoint.pth.tar")["epoch"] == 0
     assert set(s for values in read_scalars(folder).values() for s, _ in values) == {SAMPLES_PER_EPOCH}
-    monkeypatch.setattr(utils.training, "save_checkpoint", real_save)
+    monkeypatch.setattr(utils.bookkeeping, "save_checkpoint", real_save)
     code, err = main_exit_code("SL", ["--resume", folder, "--gpu", "cpu", "--workers", 0, "--no-progress"],
                                capsys)
     assert code == 0, err
@@ -587,8 +637,8 @@ def test_exploding_loss_stops_with_epoch_and_iteration(roots, tmp_path):
     assert str(folder) in line
     state = load(folder / "checkpoint.pth.tar")      # the last good checkpoint is intact
     assert state["epoch"] == 0
-    TCDCNN().load_state_dict(state["state_dict"])
-    assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
+    TCDCNN().load_state_dict(state["kept"]["student"])
+    assert all(torch.isfinite(t).all() for t in state["kept"]["student"].values())
     assert not (folder / "summary.json").exists()
 
 
@@ -600,9 +650,9 @@ def test_nan_loss_keeps_the_last_epoch_and_resumes_exactly(runs, roots, tmp_path
     script = load_script("MT")
     real_step = script.train_step
 
-    def nan_in_epoch_2_iteration_2(run, batch):
-        losses = real_step(run, batch)
-        if (run.epoch, run.iteration) == (1, 1):
+    def nan_in_epoch_2_iteration_2(nets, batch, task, args, weight, step):
+        losses = real_step(nets, batch, task, args, weight, step)
+        if step == ITERATIONS + 1:   # the global counter of epoch 2, iteration 2
             losses["loss"] = torch.tensor(float("nan"))
         return losses
 

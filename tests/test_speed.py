@@ -315,21 +315,28 @@ ITERATIONS = {"cifar10": 1, "aflw": 2}
 FULL_WEIGHT = {"cifar10": ["--rampup-length", "0"], "aflw": ["--rampup-length", "0", "--lambda-u", "1"]}
 
 
+def networks(run):
+    """The networks a script built: student, evaluation EMA and, where the method has one, the mean teacher."""
+    found = {"student": run.student, "ema_eval": run.ema_eval.model}
+    if hasattr(run, "mean_teacher"):
+        found["mean_teacher"] = run.mean_teacher.model
+    return found
+
+
 def model_states(run):
     return {name: {k: v.detach().clone() for k, v in model.state_dict().items()}
-            for name, model in (("student", run.student), ("ema_eval", run.ema_eval.model),
-                                ("mean_teacher", run.mean_teacher.model))}
+            for name, model in networks(run).items()}
 
 
 def train_from_seed(method, task, flags, iterations, dtype=torch.float32):
-    """``iterations`` train_steps (under ``run.autocast()``, as utils.training runs them) from seed 0;
+    """``iterations`` train_steps (under ``run.autocast()``, as the scripts' loops run them) from seed 0;
     ``dtype`` float64 runs the same in double precision (models, task statistics and batches)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         full_weight = FULL_WEIGHT[task] if method != "SL" else []  # SL has no unsupervised term
         train_step, run = make_config(method, task, CPU, ["--gpu", "cpu", "--batch-size", str(BATCH_SIZE[task]),
                                                           "--ema-decay", "0.9", *full_weight, *flags])
-        for model in (run.student, run.ema_eval.model, run.mean_teacher.model):
+        for model in networks(run).values():
             model.to(dtype)   # in place: the optimizer keeps the same parameters
         run.task.mean, run.task.std = run.task.mean.to(dtype), run.task.std.to(dtype)
         if task == "cifar10":
@@ -399,7 +406,7 @@ def assert_close_to_fp32(flag, method, task, iterations):
                        f"+ {UPDATE_FLOOR:g}")
             assert diff <= bound, (f"{name} {part}: ‖{flag} − fp32‖ is {diff / moved:.3g} of their update "
                                    f"({moved:.3g}); bound {why}")
-    for model in (run.student, run.ema_eval.model, run.mean_teacher.model):
+    for model in networks(run).values():
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in run.student.parameters())
     assert all(v.dtype == torch.float32 for s in run.optimizer.state.values() for v in s.values()
@@ -416,7 +423,7 @@ def channels_last_weights(model):
 def test_channels_last_trains_like_fp32(method, task):
     run, *_ = assert_close_to_fp32("--channels-last", method, task, ITERATIONS[task])
     assert run.args.channels_last
-    for model in (run.student, run.ema_eval.model, run.mean_teacher.model):
+    for model in networks(run).values():
         weights = channels_last_weights(model)
         assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
 
@@ -439,12 +446,13 @@ def test_compile_trains_like_fp32(monkeypatch):
     import torch._functorch.config
     import torch._inductor.config
     monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)   # no worker pool to start: ~4 s less
-    # build_run switches buffer donation off process-wide for compiled L2I; restore it afterwards.
+    # compile_networks switches buffer donation off process-wide for compiled L2I; restore it afterwards.
     monkeypatch.setattr(torch._functorch.config, "donated_buffer", torch._functorch.config.donated_buffer)
     try:
         run, *_ = assert_close_to_fp32("--compile", "SL", "aflw", iterations=3)
         assert run.args.compile
-        for model in (run.student, run.ema_eval.model, run.mean_teacher.model):
+        assert not hasattr(run, "mean_teacher")   # SL builds no mean teacher
+        for model in (run.student, run.ema_eval.model):
             assert getattr(model, "_compiled_call_impl", None) is not None, "model not compiled"
         # compiled in place: the state dict keeps the plain model's names (checkpoints stay loadable)
         reference = TASKS["aflw"]().build_model(run.args)
@@ -462,7 +470,7 @@ def test_no_flag_means_fp32_contiguous_eager(task, global_rng_restored):
         for flag in SPEED_FLAGS:
             assert getattr(args, flag) is False, (method, flag)
     args = finalize(common_parser("x", "MT", ("cifar10", "aflw")).parse_args([]), "MT", "cifar10")
-    assert [getattr(args, f) for f in SPEED_FLAGS] == [False] * 4
+    assert [getattr(args, f) for f in SPEED_FLAGS] == [False] * len(SPEED_FLAGS)
 
     def one_step(autocast):
         torch.manual_seed(0)
@@ -478,7 +486,7 @@ def test_no_flag_means_fp32_contiguous_eager(task, global_rng_restored):
 
     run, losses, states = one_step(autocast=True)
     assert not any(getattr(run.args, f) for f in SPEED_FLAGS)
-    for model in (run.student, run.ema_eval.model, run.mean_teacher.model):
+    for model in networks(run).values():
         assert getattr(model, "_compiled_call_impl", None) is None
         weights = channels_last_weights(model)
         assert weights and all(p.is_contiguous() for p in weights)

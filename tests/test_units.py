@@ -24,7 +24,7 @@ from utils.interleave import interleave, interleave_offsets, interleaved_forward
 from utils.options import SPEED_FLAGS, finalize, infer_dataset
 from utils.schedules import linear_rampup
 from utils.tasks import AflwTask, Cifar10Task
-from utils.training import Run, build_run
+from utils.schedules import unsup_weight
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,11 +40,11 @@ def load_script(method):
 
 
 def defaults_run(task, method):
-    """A ``Run`` built by the engine itself from the task's real defaults for ``method`` (speed flags off,
-    as ``utils.options.finalize`` leaves them)."""
+    """The networks the script of ``method`` builds (its own ``build``) from the task's real defaults (speed
+    flags off, as ``utils.options.finalize`` leaves them)."""
     args = SimpleNamespace(**defaults(task.name, method), **dict.fromkeys(SPEED_FLAGS, False))
     torch.manual_seed(0)
-    return build_run(args, task, torch.device("cpu"))
+    return load_script(method).build(args, task, torch.device("cpu"))
 
 
 # --- WRN-28-2 (docs/models.md §1) ----------------------------------------------------------------------
@@ -186,10 +186,7 @@ def test_eval_ema_copy_buffers_copies_bn_buffers_only():
 # --- ramp-up of the unsupervised weight (docs/method.md §2.2), at the real defaults -------------------
 
 def weight_at(task, method, epoch=0, iteration=0, step=0):
-    args = SimpleNamespace(**defaults(task.name, method))
-    run = Run(args=args, task=task, device=torch.device("cpu"), student=None, ema_eval=None, mean_teacher=None,
-              optimizer=None, epoch=epoch, iteration=iteration, step=step)
-    return run.unsup_weight()
+    return unsup_weight(task, SimpleNamespace(**defaults(task.name, method)), epoch, iteration, step)
 
 
 def test_ramp_defaults_per_task_and_method():

@@ -158,10 +158,11 @@ def test_every_mode_prints_one_line_per_epoch(roots, tmp_path, capsys, monkeypat
 
 def test_losses_are_read_from_the_device_once_per_epoch_without_progress(roots, tmp_path, capsys, monkeypatch):
     """Reading a loss makes the CPU wait for a GPU: with no progress shown the epoch's losses are read once."""
-    from utils import training
+    from utils import bookkeeping
     reads = []
-    real_means = training.EpochLosses.means
-    monkeypatch.setattr(training.EpochLosses, "means", lambda self, done: reads.append(done) or real_means(self, done))
+    real_means = bookkeeping.EpochScalars.means
+    monkeypatch.setattr(bookkeeping.EpochScalars, "means",
+                        lambda self, done: reads.append(done) or real_means(self, done))
     code, _, err = run_in_process("MT", small_run(roots, tmp_path / "run", "--no-progress"), capsys)
     assert code == 0, err
     assert reads == [3, 3]   # two epochs of three iterations: one read at the end of each

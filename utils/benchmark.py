@@ -3,8 +3,8 @@
     python -m utils.benchmark                       # all methods × tasks, paper batch sizes, this device
     python -m utils.benchmark --methods MT L2I-O --tasks cifar10 --threads 2 --iters 10 --json bench.json
 
-Each configuration runs its script's own ``train_step`` on random inputs shaped like the task's
-batches (what the loaders would deliver). Configurations are timed in interleaved rounds — one
+Each configuration builds its script's own networks (``build``) and runs its own ``train_step`` on random
+inputs shaped like the task's batches (what the loaders would deliver). Configurations are timed in interleaved rounds — one
 iteration of each per round, after warm-up rounds — so every round's ratio to MT compares iterations
 taken under the same machine conditions; ``ratio_to_mt`` is the median of those per-round ratios.
 On CUDA the clock is read after ``torch.cuda.synchronize()``.
@@ -16,16 +16,17 @@ import resource
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from utils.defaults import METHODS
 from utils.options import SPEED_FLAGS, finalize
-from utils.runtime import keep_freed_memory, warn_if_slow_bf16
+from utils.runtime import configure_backends, keep_freed_memory, warn_if_slow_bf16
+from utils.schedules import unsup_weight
 from utils.scripts import load_script, script_methods
 from utils.tasks import TASKS, Batch
-from utils.training import build_run
 
 
 def parse_args(argv=None):
@@ -43,24 +44,35 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="time with the scripts' --amp (bf16 autocast)")
     p.add_argument("--channels-last", action="store_true", help="time with --channels-last")
     p.add_argument("--compile", action="store_true", help="time with --compile (torch.compile)")
+    p.add_argument("--tf32", action="store_true", help="time with --tf32 (TF32 matmuls and convolutions on CUDA)")
     p.add_argument("--json", help="also write the table as JSON to this file")
     return p.parse_args(argv)
 
 
 def make_config(method, task_name, device, script_argv):
+    """``(train_step, setup)``: a script's networks and optimizer for ``task_name`` on ``device`` (its ``build``),
+    and ``train_step(setup, batch)`` running one of its iterations on them as its training loop does.
+    ``setup`` holds what the script built (``student``, ``optimizer``, …), the task, the options, the device
+    and the loop's counters ``epoch``, ``iteration`` and ``step`` (which give λ_u's ramp-up)."""
     module = load_script(method)
     args = finalize(module.parse_args(["--dataset", task_name] + script_argv), module.METHOD, task_name)
     task = TASKS[task_name]()
     task.mean, task.std = torch.full((10,), 30.0, device=device), torch.full((10,), 8.0, device=device)
-    run = build_run(args, task, device)
-    return module.train_step, run
+    setup = SimpleNamespace(**vars(module.build(args, task, device)), task=task, args=args, device=device,
+                            epoch=0, iteration=0, step=0)
+    setup.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+    def train_step(setup, batch):
+        weight = unsup_weight(setup.task, setup.args, setup.epoch, setup.iteration, setup.step)
+        return module.train_step(setup, batch, setup.task, setup.args, weight, setup.step)
+    return train_step, setup
 
 
-def random_batch(run, dtype=torch.float32):
+def random_batch(setup, dtype=torch.float32):
     """A batch as the loaders deliver it, moved to the device (random values, real shapes and types).
     The values are drawn in float32 whatever ``dtype``, so a float64 batch holds the float32 one's values."""
-    n, device = run.args.batch_size, run.device
-    if run.task.name == "cifar10":
+    n, device = setup.args.batch_size, setup.device
+    if setup.task.name == "cifar10":
         def images():
             return torch.randn(n, 3, 32, 32, device=device)
 
@@ -78,15 +90,15 @@ def random_batch(run, dtype=torch.float32):
                                          and value.is_floating_point()})
 
 
-def timed_iteration(train_step, run, batch):
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
+def timed_iteration(train_step, setup, batch):
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)
     start = time.perf_counter()
-    with run.autocast():  # as utils.training runs it
-        train_step(run, batch)
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
-    run.step += 1
+    with setup.autocast():  # as the scripts' loops run it
+        train_step(setup, batch)
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)
+    setup.step += 1
     return time.perf_counter() - start
 
 
@@ -118,22 +130,23 @@ def benchmark(opts):
     configs = {}
     for method, task, grad in configurations(opts):
         extra = ["--meta-grad", grad] if grad else []
-        train_step, run = make_config(method, task, device, script_argv + extra)
-        configs[(method, task, grad)] = (train_step, run, random_batch(run))
+        train_step, setup = make_config(method, task, device, script_argv + extra)
+        configs[(method, task, grad)] = (train_step, setup, random_batch(setup))
     times = {key: [] for key in configs}
     peaks = {}
     for round_index in range(opts.warmup + opts.iters):
-        for key, (train_step, run, batch) in configs.items():
+        for key, (train_step, setup, batch) in configs.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = timed_iteration(train_step, run, batch)
+            seconds = timed_iteration(train_step, setup, batch)
             if round_index >= opts.warmup:
                 times[key].append(seconds)
                 peaks[key] = max(peaks.get(key, 0.0), peak_memory_mb(device))
-    return summarize(times, peaks, [f.lstrip("-") for f in speed_flags])
+    return table_rows(times, peaks, [f.lstrip("-") for f in speed_flags])
 
 
-def summarize(times, peaks, speed_flags):
+def table_rows(times, peaks, speed_flags):
+    """One row per configuration: median, min, max, peak memory and the median per-round ratio to MT."""
     rows = []
     for (method, task, grad), samples in times.items():
         mt = times.get(("MT", task, None))
@@ -161,8 +174,10 @@ def main(argv=None):
     if opts.threads:
         torch.set_num_threads(opts.threads)
     keep_freed_memory()  # as the training scripts do
+    device = torch.device(opts.device)
+    configure_backends(device, opts.tf32)  # the backend settings the scripts train with
     if opts.amp:
-        warn_if_slow_bf16(torch.device(opts.device))
+        warn_if_slow_bf16(device)
     torch.manual_seed(0)
     rows = benchmark(opts)
     print(f"device {opts.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

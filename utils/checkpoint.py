@@ -9,9 +9,7 @@ import shutil
 import torch
 
 from utils.errors import UserError
-
-CHECKPOINT = "checkpoint.pth.tar"
-BEST = "model_best.pth.tar"
+from utils.folder import BEST, CHECKPOINT
 
 
 def _replace_atomically(write, path):

@@ -25,7 +25,17 @@ def _fresh_buffers(model):
             m.reset_running_stats()
 
 
-class EvalEMA:
+class _EMAModel:
+    """An EMA network; checkpointed as its network's state dict."""
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
+
+class EvalEMA(_EMAModel):
     """EMA-E: parameters start as the student's, BN buffers at their init values (docs/method.md §2.1)."""
 
     def __init__(self, student, decay, shrink):
@@ -49,7 +59,7 @@ class EvalEMA:
             ema_buffer.copy_(buffer)
 
 
-class MeanTeacher:
+class MeanTeacher(_EMAModel):
     def __init__(self, student, decay):
         self.model = _frozen_copy(student)
         self.decay = decay

@@ -19,11 +19,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from utils.folder import CHECKPOINT, SUMMARY
 from utils.options import fail
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The run-folder files (utils.checkpoint, utils.training), named here so that printing commands needs no torch.
-CHECKPOINT, SUMMARY = "checkpoint.pth.tar", "summary.json"
 CIFAR10_METHODS, CIFAR10_LABELS = ("MT", "MM", "L2I-O", "L2I-L"), (250, 500, 1000, 2000, 4000)
 AFLW_METHODS, AFLW_FRACTIONS = ("SL", "PL", "MT", "L2I-O", "L2I-L"), (0.01, 0.05, 0.1, 0.2)
 INTERRUPTED = 130  # a training script's exit status after Ctrl-C (its checkpoint is kept)

@@ -6,7 +6,7 @@ import time
 from progress.bar import Bar
 from tensorboardX import SummaryWriter
 
-LOG = "log.txt"
+from utils.folder import LOG
 
 
 def write_log(folder, columns, rows):
@@ -24,7 +24,7 @@ def write_log(folder, columns, rows):
 
 
 def open_writer(folder, first_step):
-    """tensorboardX writer; on resume, events at or after ``first_step`` from the earlier attempt are purged.
+    """tensorboardX writer; events at or after ``first_step`` from earlier attempts are purged.
 
     tensorboardX names the events file after the current second and the host, so an attempt resumed
     within the second its predecessor started would overwrite the predecessor's file. A nanosecond

@@ -30,6 +30,37 @@ def _quiet_jvp_decompositions():
         yield
 
 
+def _jvp_precision(device_type):
+    """Autocast off for the JVP on every device (``--amp``): the tangent carries the whole second-order
+    signal, and a bf16 forward-mode pass rounds it to 8 bits (on the CPU, forward-mode AD through batch
+    norm with bf16 activations and fp32 statistics also takes ~10 bf16 forwards' time)."""
+    return torch.autocast(device_type, enabled=False)
+
+
+def _jvp(model, names, params, directions, constants, inputs):
+    """t = J_f(θ) d: the output of ``model`` on ``inputs`` at θ = ``params`` and its forward-mode tangent in
+    the directions ``directions`` (docs/method.md §1.5 step 2).
+
+    forward_ad dual tensors rather than torch.func.jvp, which refuses BN's in-place buffer update. The
+    forward runs eagerly even when ``model`` was compiled in place (``--compile``): compiled graphs compute
+    primal values only, so a graph traced or cached for plain tensors drops the tangent or fails on the
+    dual inputs (pytorch/pytorch#187284; torch 2.14 only falls back to eager while tracing a new graph).
+    ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6) is what skips a nested compiled module;
+    ``torch.compiler.disable`` around the call does not. A missing tangent is an error, never zeros: it
+    would silently turn L2I into Mean Teacher with a second step.
+    """
+    with torch.compiler.set_stance("force_eager"), _jvp_precision(inputs.device.type), \
+            _quiet_jvp_decompositions(), fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p.detach(), d) for n, p, d in zip(names, params, directions)}
+        cloned = {n: b.clone() for n, b in constants.items()}
+        tangent = fwAD.unpack_dual(functional_call(model, (duals, cloned), (inputs,))).tangent
+    if tangent is None:
+        raise RuntimeError("the forward-mode JVP of the student gave no tangent: the student's output does not "
+                           "depend on its trainable parameters, or this PyTorch dropped the forward-mode "
+                           "tangent; the L2I meta-gradient cannot be computed")
+    return tangent
+
+
 def _zeros_for_unused(grads, like):
     """autograd.grad(..., allow_unused=True) gives None for unused parameters (WRN's 4 dead BN
     tensors, docs/models.md §1): their gradient is zero."""
@@ -90,16 +121,7 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
     g = _zeros_for_unused(torch.autograd.grad(meta, list(theta_prime.values()), allow_unused=True),
                           list(theta_prime.values()))
     # 3) t = J_f(θ) g: one forward-mode JVP on `unlabeled` at θ, same mode as the caller's forward.
-    # forward_ad dual tensors rather than torch.func.jvp, which refuses BN's in-place buffer update.
-    # Under CPU autocast (--amp) the JVP runs in fp32: forward-mode AD through batch norm with bf16
-    # activations and fp32 statistics converts dtypes at every step and takes ~10 bf16 forwards' time.
-    precision = torch.autocast("cpu", enabled=False) if unlabeled.device.type == "cpu" else contextlib.nullcontext()
-    with precision, _quiet_jvp_decompositions(), fwAD.dual_level():
-        duals = {n: fwAD.make_dual(p.detach(), d) for n, p, d in zip(names, params, g)}
-        cloned = {n: b.clone() for n, b in constants.items()}
-        tangent = fwAD.unpack_dual(functional_call(model, (duals, cloned), (unlabeled,))).tangent
-    if tangent is None:  # the output does not depend on θ at all
-        return torch.zeros_like(labels)
+    tangent = _jvp(model, names, params, g, constants, unlabeled)
     # 4) output-space product: dM/dz = -η ∂/∂z <∇ₒV(o, z), t>, o = student_out held constant.
     out_leaf = student_out.detach().requires_grad_(True)
     (grad_out,) = torch.autograd.grad(virtual_loss(out_leaf, z_leaf), out_leaf, create_graph=True)
@@ -131,13 +153,12 @@ def label_generator_output(model, inputs):
     return functional_call(model, (dict(model.named_parameters()), buffers), (inputs,))
 
 
-def imputed_label_gradient(run, batch, student_out, labels, keep_graph):
-    """``meta_label_gradient`` with this run's L2I options (docs/method.md §5.1): the virtual step of size
-    ``virtual_step × current lr`` on V(o, z) over view 1, and the task's supervised loss on the meta batch.
-    ``keep_graph``: whether the caller back-propagates ``student_out`` again afterwards."""
-    task, args = run.task, run.args
+def imputed_label_gradient(student, task, args, lr, batch, student_out, labels, keep_graph):
+    """``meta_label_gradient`` with the run's L2I options (docs/method.md §5.1): the virtual step of size
+    ``virtual_step × lr`` (the current lr) on V(o, z) over view 1, and the task's supervised loss on the meta
+    batch. ``keep_graph``: whether the caller back-propagates ``student_out`` again afterwards."""
     return meta_label_gradient(
-        run.student, student_out, batch.u1, labels,
+        student, student_out, batch.u1, labels,
         virtual_loss=lambda out, z: virtual_loss(task, batch, out, z, args.virtual_reduction, args.virtual_squash),
         meta_inputs=batch.x_m, meta_targets=batch.y_m, meta_loss=task.supervised_loss,
-        virtual_step_size=args.virtual_step * run.lr, method=args.meta_grad, keep_graph=keep_graph)
+        virtual_step_size=args.virtual_step * lr, method=args.meta_grad, keep_graph=keep_graph)

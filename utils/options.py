@@ -18,8 +18,8 @@ from utils.errors import UserError
 
 # Options that may differ when a run is resumed; all others must match the run's own.
 RESUME_OVERRIDES = ("epochs", "gpu", "workers", "no_progress", "resume", "out")
-FLAGS = ("no_progress", "amp", "channels_last", "compile", "data_on_device")  # on/off options
-SPEED_FLAGS = ("amp", "channels_last", "compile", "data_on_device")
+FLAGS = ("no_progress", "amp", "channels_last", "compile", "data_on_device", "tf32")  # on/off options
+SPEED_FLAGS = ("amp", "channels_last", "compile", "data_on_device", "tf32")
 META_GRADS = ("exact", "unroll")  # how the L2I meta-gradient is computed (utils.meta)
 N_LABELED_HELP = ("labeled images: an integer is a count (CIFAR-10: a multiple of 10), -1 means all; a number "
                   "with a decimal point is a fraction of the training set (0.01 = 1 %%, 1.0 = all)")
@@ -110,6 +110,9 @@ def common_parser(description, based_on, datasets):
     speed.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CPU and CUDA)")
     speed.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
     speed.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
+    speed.add_argument("--tf32", action="store_true", default=None,
+                       help="CUDA: allow TF32 in matmuls and cuDNN convolutions (faster on Ampere and later GPUs, "
+                            "about 1e-3 relative precision); off by default = strict IEEE fp32. No effect on the CPU")
     if "cifar10" in datasets:
         speed.add_argument("--data-on-device", action="store_true", default=None,
                            help="CIFAR-10: keep the uint8 images on the device and augment whole batches there")

@@ -28,8 +28,8 @@ TEST_TITLES = {"acc": "test accuracy", "me": "test mean error"}
 LOSS_PANELS = (("Train Loss", "training loss L_x + w·L_u (w: ramped-up λ_u)"),
                ("Train Loss X", "supervised loss L_x"),
                ("Train Loss U", "unsupervised loss L_u (unweighted)"))
-# The y-axis units, from each task's losses and metrics in utils/tasks.py: CIFAR-10 trains on soft
-# cross-entropy (L_x) and the squared error between class probabilities (L_u); AFLW on the MSE of
+# The y-axis units, from each task's losses and metrics (utils/tasks.py, utils/evaluation.py): CIFAR-10 trains
+# on soft cross-entropy (L_x) and the squared error between class probabilities (L_u); AFLW on the MSE of
 # landmark coordinates normalised by the training set's mean and std, for both.
 Y_LABELS = {
     "cifar10": {"test": "top-1 accuracy (%)", "Train Loss": "cross-entropy + w × squared error",
@@ -45,8 +45,8 @@ MARKS_PER_CURVE = 8
 LEGEND_COLUMNS = 3
 
 
-def test_column(task):
-    return next(name for name, key in task.columns if key == f"test_{task.metric}")
+def test_column(protocol):
+    return next(name for name, key in protocol.columns if key == f"test_{protocol.metric}")
 
 
 def iterations(run):
@@ -59,9 +59,9 @@ def panels(runs):
     datasets = sorted({run.values["dataset"] for run in runs})
     chosen = []
     for dataset in datasets:
-        task = next(run.task for run in runs if run.values["dataset"] == dataset)
+        protocol = next(run.protocol for run in runs if run.values["dataset"] == dataset)
         prefix, units = (f"{dataset}: " if len(datasets) > 1 else ""), Y_LABELS[dataset]
-        chosen.append((dataset, test_column(task), prefix + TEST_TITLES[task.metric], units["test"]))
+        chosen.append((dataset, test_column(protocol), prefix + TEST_TITLES[protocol.metric], units["test"]))
         chosen += [(dataset, column, prefix + title, units[column]) for column, title in LOSS_PANELS]
     return chosen
 
@@ -86,7 +86,7 @@ def draw_panel(ax, panel, runs, styles):
         xs, ys = iterations(run), [row[column] for row in run.rows]
         ax.plot(xs, ys, linewidth=1.2, markersize=5, **style)
         values_seen += ys
-        if column == test_column(run.task):
+        if column == test_column(run.protocol):
             best = run.values["best_epoch"]
             ax.plot(xs[best - 1], ys[best - 1], "*", color=style["color"], markersize=12, markeredgecolor="black",
                     zorder=3)

@@ -4,7 +4,7 @@
     python -m utils.results runs/cifar10MT@250-s* runs/cifar10L2IO@250-s* [--csv results.csv]
 
 Every protocol value (docs/evaluation.md §3) is computed from ``log.txt`` with the training scripts' own
-``summarize``, so a run still in progress is shown like a finished one; where ``summary.json`` exists
+``summarize`` (utils/evaluation.py), so a run still in progress is shown like a finished one; where ``summary.json`` exists
 it must agree, and a disagreement is reported. Folders that cannot be read are named on stderr and
 skipped. Runs are averaged only when every option that changes the experiment is the same
 (``NOT_SETTINGS`` lists the ones that do not).
@@ -22,13 +22,10 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
-from utils.checkpoint import CHECKPOINT
-from utils.logger import LOG
-from utils.tasks import TASKS
-from utils.training import summarize
+from utils.evaluation import PROTOCOLS, summarize
+from utils.folder import ARGS, CHECKPOINT, LOG, SUMMARY
 
-ARGS, SUMMARY = "args.json", "summary.json"
-RUN_FILES = (ARGS, LOG, SUMMARY, CHECKPOINT)  # any of them marks a folder as a run folder
+RUN_MARKERS = (ARGS, LOG, SUMMARY, CHECKPOINT)  # any of them marks a folder as a run folder
 DEFAULT_ROOT = "runs"  # where utils.experiments puts the grid's run folders
 METHODS = ("SL", "PL", "MT", "MM", "L2I-O", "L2I-L")  # table order
 REQUIRED_ARGS = ("method", "dataset", "n_labeled", "manualSeed", "epochs", "val_iteration")
@@ -53,7 +50,7 @@ class RunFolderError(Exception):
 class RunRecord:
     path: str
     args: dict
-    task: object
+    protocol: object           # the task's reporting protocol (utils.evaluation)
     rows: list                 # log.txt rows as {column name: value}
     values: dict               # summarize() over the log rows
     summary: Optional[dict]    # summary.json when present and readable
@@ -119,15 +116,15 @@ def read_log(path):
     return rows
 
 
-def protocol_values(task, args, rows, wall_time):
+def protocol_values(protocol, args, rows, wall_time):
     """The log rows as the training loop's history, through the scripts' own ``summarize``."""
-    history = [{key: row[name] for name, key in task.columns if name in row} for row in rows]
-    m = task.metric
+    history = [{key: row[name] for name, key in protocol.columns if name in row} for row in rows]
+    m = protocol.metric
     if not all(f"val_{m}" in h and f"test_{m}" in h for h in history):
         raise RunFolderError(f"{LOG} lacks the {args['dataset']} columns for validation and test {m}")
     run_args = SimpleNamespace(method=args["method"], dataset=args["dataset"], n_labeled=args["n_labeled"],
                                manualSeed=args["manualSeed"])
-    return summarize(task, history, wall_time, run_args)
+    return summarize(protocol, history, wall_time, run_args)
 
 
 def disagreement(values, summary):
@@ -161,13 +158,13 @@ def load_run(path):
     args = read_json(os.path.join(path, ARGS))
     if not isinstance(args, dict) or any(key not in args for key in REQUIRED_ARGS):
         raise RunFolderError(f"{ARGS} lacks one of {', '.join(REQUIRED_ARGS)}")
-    if args["dataset"] not in TASKS:
+    if args["dataset"] not in PROTOCOLS:
         raise RunFolderError(f"{ARGS} names an unknown dataset {args['dataset']!r}")
-    task = TASKS[args["dataset"]]()
+    protocol = PROTOCOLS[args["dataset"]]
     rows = read_log(os.path.join(path, LOG))
     summary, problem = read_summary(os.path.join(path, SUMMARY))
-    values = protocol_values(task, args, rows, summary.get("wall_time_s") if summary else None)
-    run = RunRecord(path=path, args=args, task=task, rows=rows, values=values, summary=summary)
+    values = protocol_values(protocol, args, rows, summary.get("wall_time_s") if summary else None)
+    run = RunRecord(path=path, args=args, protocol=protocol, rows=rows, values=values, summary=summary)
     if problem:
         run.note = f"{SUMMARY} damaged"
         return run, f"{problem}; values from {LOG}"
@@ -185,7 +182,7 @@ def run_folders_under(root):
         return []
     children = [os.path.join(root, name) for name in sorted(os.listdir(root))]
     return [path for path in children
-            if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)]
+            if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_MARKERS)]
 
 
 def nothing_read(patterns):
@@ -269,7 +266,7 @@ def run_table(runs):
               "median last 20", "mean last 20", "wall time"]
     rows = []
     for name, run in zip(display_names(runs), runs):
-        v, m = run.values, run.task.metric
+        v, m = run.values, run.protocol.metric
         rows.append([name, v["method"], v["dataset"], labels(v["n_labeled"]), v["seed"], run.status,
                      f"{number(v['test_at_best_val'], m)} ({v['best_epoch']})", number(v["median_last20_test"], m),
                      number(v["mean_last20_test"], m), wall_time(run)])
@@ -360,7 +357,7 @@ def group_table(grouped):
     rows = []
     for group in grouped:
         members = group.members
-        first, m = members[0].values, members[0].task.metric
+        first, m = members[0].values, members[0].protocol.metric
         unfinished = sum(not run.finished for run in members)
         count = f"{len(members)} ({unfinished} unfinished)" if unfinished else str(len(members))
         rows.append([first["method"], first["dataset"], labels(first["n_labeled"]), group.setting, count,
@@ -387,7 +384,7 @@ def write_csv(path, runs):
 
 
 def report(runs, grouped):
-    metrics = sorted({(run.values["dataset"], run.task.metric) for run in runs})
+    metrics = sorted({(run.values["dataset"], run.protocol.metric) for run in runs})
     legend = "; ".join(f"{dataset}: {METRIC_NAMES[metric]}" for dataset, metric in metrics)
     return (f"### Runs\n\n{run_table(runs)}\n\n### Over seeds (mean ± sample std)\n\n{group_table(grouped)}\n\n"
             f"Values: {legend}. \"test @ best val\" is the test value at the first epoch with the best "

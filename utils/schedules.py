@@ -6,3 +6,9 @@ def linear_rampup(current, rampup_length):
     if rampup_length == 0:
         return 1.0
     return min(max(current / rampup_length, 0.0), 1.0)
+
+
+def unsup_weight(task, args, epoch, iteration, step):
+    """``lambda_u · ramp(progress, rampup_length)``: progress in fractional epochs on CIFAR-10, in global
+    iterations on AFLW (``task.ramp_progress``)."""
+    return args.lambda_u * linear_rampup(task.ramp_progress(epoch, iteration, step, args), args.rampup_length)

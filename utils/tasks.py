@@ -57,15 +57,16 @@ def _sum_by_batch(model, loader, device, per_batch):
     return [t / count for t in totals]
 
 
-class Cifar10Task:
+class _Task:
+    def build_student(self, args, device):
+        """The task's network on ``device`` in train mode; channels-last with ``--channels-last`` (the
+        convolutions then keep their activations channels-last too)."""
+        model = self.build_model(args).to(device).train()
+        return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+class Cifar10Task(_Task):
     name = "cifar10"
-    metric = "acc"               # top-1 accuracy in percent
-    higher_is_better = True
-    columns = [("Train Loss", "train_loss"), ("Train Loss X", "train_loss_x"), ("Train Loss U", "train_loss_u"),
-               ("Valid Loss", "val_loss"), ("Valid Acc.", "val_acc"), ("Test Loss", "test_loss"),
-               ("Test Acc.", "test_acc")]
-    scalars = {"losses/train_loss": "train_loss", "losses/valid_loss": "val_loss", "losses/test_loss": "test_loss",
-               "accuracy/train_acc": "train_acc", "accuracy/val_acc": "val_acc", "accuracy/test_acc": "test_acc"}
     train_stats_on_student = False   # "Train Stats" evaluate the reported model (docs/evaluation.md §1)
 
     def load(self, args):
@@ -143,17 +144,8 @@ class Cifar10Task:
         return {"loss": loss.item(), "acc": acc.item()}
 
 
-class AflwTask:
+class AflwTask(_Task):
     name = "aflw"
-    metric = "me"                # mean error normalised by the inter-ocular distance (fraction)
-    higher_is_better = False
-    columns = [("Train Loss", "train_loss"), ("Train Loss X", "train_loss_x"), ("Train Loss U", "train_loss_u"),
-               ("Train ME", "train_me"), ("Train FR", "train_fr"), ("Valid Loss", "val_loss"),
-               ("Valid ME.", "val_me"), ("Valid FR", "val_fr"), ("Test Loss", "test_loss"),
-               ("Test ME.", "test_me"), ("Test FR", "test_fr")]
-    scalars = {"losses/train_loss": "train_loss", "losses/valid_loss": "val_loss", "losses/test_loss": "test_loss",
-               "accuracy/train_me": "train_me", "accuracy/val_me": "val_me", "accuracy/test_me": "test_me",
-               "accuracy/train_fr": "train_fr", "accuracy/val_fr": "val_fr", "accuracy/test_fr": "test_fr"}
     train_stats_on_student = True    # docs/evaluation.md §2: "Train Stats" always on the student
     lr_decay_every = 100             # ×0.1 when (epoch + 1) is a multiple of 100 (docs/method.md §4.6)
 
@@ -207,9 +199,12 @@ class AflwTask:
         return outputs
 
     def impute(self, outputs_view2, batch):
-        """A view-2 prediction as a view-1 label: shift compensation S (docs/method.md §2.5), differentiable."""
+        """A view-2 prediction as a view-1 label: shift compensation S (docs/method.md §2.5), differentiable.
+
+        In fp32 whatever the output's dtype: S passes through pixel coordinates of about 30 px, which bf16
+        (``--amp``) would round to 0.125 px."""
         from utils.landmarks import shift_compensate
-        return shift_compensate(outputs_view2, *batch.shift, self.mean, self.std)
+        return shift_compensate(full_precision(outputs_view2), *batch.shift, self.mean, self.std)
 
     def consistency_loss(self, student_out, target):
         return F.mse_loss(full_precision(student_out), target)
