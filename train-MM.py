@@ -61,7 +61,7 @@ def train_step(nets, batch, task, args, weight, step):
     targets = torch.cat([batch.y_l, guess, guess])
     lam = np.random.beta(args.alpha, args.alpha)
     lam = max(lam, 1 - lam)
-    perm = torch.randperm(len(inputs)).to(inputs.device)
+    perm = torch.randperm(len(inputs), device=inputs.device)  # drawn on the device: no host copy
     mixed_inputs = lam * inputs + (1 - lam) * inputs[perm]
     mixed_targets = lam * targets + (1 - lam) * targets[perm]
     # 4. Three student forwards through the 3-way BN interleave (docs/method.md §2.3).

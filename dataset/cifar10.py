@@ -183,26 +183,62 @@ def augment_batch(x, generator=None):
     return torch.where(flip[:, None, None, None], x.flip(3), x).contiguous()
 
 
+class EndlessShuffle(torch.utils.data.Sampler):
+    """Batches of ``batch_size`` indices of ``range(n)`` for one epoch of ``batches`` iterations: pass after pass,
+    each a fresh permutation cut into whole batches (the last partial batch of a pass is dropped).
+
+    The authors restart a shuffled, drop-last DataLoader whenever it runs out (every 3 iterations at 250
+    labels, docs/method.md §2.6). One loader iterator over this sampler draws the same batches without the
+    restarts, which on a GPU re-create every worker process each time. Each pass consumes torch's RNG as a
+    restarted loader did — a number for the new iterator's workers (from the second pass on: the first
+    pass's was drawn when the iterator was made), then the permutation's seed — so the batches, and runs
+    with ``--workers 0``, are exactly those of the restarting loader.
+    """
+
+    def __init__(self, n, batch_size, batches):
+        self.n, self.batch_size, self.batches = n, batch_size, batches
+
+    def __len__(self):
+        return self.batches
+
+    def __iter__(self):
+        produced = 0
+        while True:
+            if produced:
+                torch.empty((), dtype=torch.int64).random_()  # what a restarted loader drew for its workers
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
+            for start in range(0, self.n - self.batch_size + 1, self.batch_size):
+                yield order[start:start + self.batch_size]
+                produced += 1
+                if produced == self.batches:
+                    return
+
+
 class DeviceBatches:
     """``--data-on-device``: a drop-in for the training DataLoader over ``CifarImages`` that keeps the
     uint8 images on the device and normalises and augments whole batches there (shuffled, drop-last).
-    Yields what the DataLoader would: ``(x, labels)`` or ``((view1, view2), labels)``."""
+    Yields what the DataLoader would: ``(x, labels)`` or ``((view1, view2), labels)``; ``batches`` of them
+    per iteration over fresh permutations (as ``EndlessShuffle``), or one pass when ``batches`` is None."""
 
-    def __init__(self, dataset, batch_size, device):
+    def __init__(self, dataset, batch_size, device, batches=None):
         subset = dataset.images[dataset.indices]
         self.images = torch.from_numpy(subset).to(device)  # N×32×32×3 uint8
         self.labels = torch.from_numpy(dataset.labels[dataset.indices]).long().to(device)
         self.mean = torch.from_numpy(MEAN * 255).to(device)
         self.inv_std = torch.from_numpy(1.0 / (255 * STD)).to(device)
         self.batch_size, self.views = batch_size, dataset.views
+        self.batches = len(self.images) // batch_size if batches is None else batches
 
     def __len__(self):
-        return len(self.images) // self.batch_size
+        return self.batches
 
     def __iter__(self):
-        order = torch.randperm(len(self.images)).to(self.images.device)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        per_pass, device = len(self.images) // self.batch_size, self.images.device
+        for b in range(self.batches):
+            if b % per_pass == 0:
+                order = torch.randperm(len(self.images), device=device)  # on the device: no host copy
+            idx = order[(b % per_pass) * self.batch_size:(b % per_pass + 1) * self.batch_size]
             x = ((self.images[idx].float() - self.mean) * self.inv_std).permute(0, 3, 1, 2)
             if self.views == 2:
                 yield (augment_batch(x), augment_batch(x)), self.labels[idx]

@@ -6,6 +6,7 @@ only the training device's CUDA generator (a run saved on an 8-GPU node resumes 
 """
 import io
 import random
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -148,12 +149,14 @@ def test_an_id_that_is_not_a_number_is_refused_in_one_line_with_or_without_cuda(
     assert calls.set_device == []
 
 
-def test_without_cuda_the_cpu_with_a_one_line_note(monkeypatch, capsys):
+def test_without_cuda_the_cpu_and_no_note_yet(monkeypatch, capsys):
+    """The note that CUDA is missing comes when training starts (tests/test_scripts.py), not here: before
+    the data is read, it would precede every data error."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device without CUDA"))
     for gpu in (None, "0", "3"):
         assert select_device(gpu) == CPU
-        assert capsys.readouterr().err == "CUDA is not available: running on the CPU.\n"
+        assert capsys.readouterr().err == ""
 
 
 def test_gpu_cpu_on_a_cuda_machine_touches_no_cuda_device(fake_cuda, capsys):
@@ -307,3 +310,111 @@ def test_benchmark_main_times_with_the_training_backend_settings(backend_flags, 
     benchmark.main(["--device", "cuda:0"] + (["--tf32"] if tf32 else []))
     capsys.readouterr()
     assert seen == [(True, tf32, tf32)]
+
+
+# ----------------------------------------------------------------------------- training streams never restart
+
+def restarting_batches(dataset, batch_size, iterations):
+    """The authors' stream: a shuffled, drop-last DataLoader restarted whenever it runs out."""
+    from torch.utils.data import DataLoader
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    batches, iterator = [], iter(loader)
+    while len(batches) < iterations:
+        try:
+            batches.append(next(iterator))
+        except StopIteration:
+            iterator = iter(loader)
+    return batches
+
+
+def test_endless_stream_yields_the_restarting_loaders_batches_with_one_iterator(monkeypatch):
+    """250 labels at batch 64 run out every 3 iterations. The CIFAR-10 training loader yields an epoch's
+    batches from one iterator (no re-created worker processes on a GPU), and with --workers 0 exactly the
+    batches and random numbers of the authors' restarted loader: same images, same augmentation, same RNGs."""
+    from dataset.cifar10 import CifarImages
+    from utils.tasks import Cifar10Task
+    images = np.random.default_rng(0).integers(0, 256, size=(250, 32, 32, 3), dtype=np.uint8)
+    dataset = CifarImages(images, np.arange(250) % 10, np.arange(250), views=1)
+    task = Cifar10Task()
+    task.to(CPU)
+    args = SimpleNamespace(batch_size=64, val_iteration=10, workers=0, data_on_device=False)
+    made = []
+    real_iter = torch.utils.data.DataLoader.__iter__
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", lambda self: made.append(self) or real_iter(self))
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        endless = list(task.train_loader(dataset, args))
+        after_endless = torch.get_rng_state(), np.random.get_state()[1]
+        assert len(made) == 1   # one iterator for the whole epoch
+        made.clear()
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        expected = restarting_batches(dataset, 64, 10)
+        assert len(endless) == len(expected) == 10
+        for (x, y), (x_ref, y_ref) in zip(endless, expected):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+        assert torch.equal(after_endless[0], torch.get_rng_state())
+        assert np.array_equal(after_endless[1], np.random.get_state()[1])
+        made.clear()
+
+
+def test_device_batches_yield_an_epoch_over_fresh_passes():
+    from dataset.cifar10 import CifarImages, DeviceBatches
+    images = np.random.default_rng(0).integers(0, 256, size=(20, 32, 32, 3), dtype=np.uint8)
+    dataset = CifarImages(images, np.arange(20), np.arange(20), views=1)   # the label names the image
+    torch.manual_seed(0)
+    batches = list(DeviceBatches(dataset, 8, CPU, batches=5))   # 2 batches per pass, 3 passes
+    assert len(batches) == 5
+    labels = [b[1].tolist() for b in batches]
+    for first, second in ((0, 1), (2, 3)):   # within a pass, no image twice
+        assert len(set(labels[first] + labels[second])) == 16
+    assert labels[0] + labels[1] != labels[2] + labels[3]   # every pass a fresh permutation
+    assert len(list(DeviceBatches(dataset, 8, CPU))) == 2   # without ``batches``: one pass (Train Stats)
+
+
+# ----------------------------------------------------------------------------- host work per iteration
+
+def record_randperm(monkeypatch):
+    calls, real = [], torch.randperm
+
+    def randperm(*args, **kwargs):
+        calls.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "randperm", randperm)
+    return calls
+
+
+def test_mixmatch_and_device_batches_draw_their_permutation_on_the_device(monkeypatch):
+    """No CPU permutation copied to the GPU with a blocking ``.to`` each iteration: the draw names the device."""
+    from dataset.cifar10 import CifarImages, DeviceBatches
+    from utils.benchmark import make_config, random_batch
+    calls = record_randperm(monkeypatch)
+    train_step, setup = make_config("MM", "cifar10", CPU, ["--gpu", "cpu", "--batch-size", "4"])
+    train_step(setup, random_batch(setup))
+    images = np.zeros((8, 32, 32, 3), dtype=np.uint8)
+    list(DeviceBatches(CifarImages(images, np.zeros(8, np.int64), np.arange(8), views=1), 4, CPU))
+    assert calls == [CPU, CPU]
+
+
+@pytest.mark.parametrize("task_name", ["cifar10", "aflw"])
+def test_evaluation_reads_the_device_once_per_value_not_per_batch(monkeypatch, task_name):
+    from torch.utils.data import DataLoader, TensorDataset
+    from utils.tasks import TASKS
+    task = TASKS[task_name]()
+    if task_name == "cifar10":
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+        data = TensorDataset(torch.randn(40, 12), torch.randint(0, 10, (40,)))
+    else:
+        task.mean, task.std = torch.full((10,), 30.0), torch.full((10,), 8.0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+        data = TensorDataset(torch.randn(40, 12), 30 + 5 * torch.randn(40, 10))
+    reads, real_item = [], torch.Tensor.item
+
+    def item(self):
+        reads.append(sys._getframe(1).f_code.co_filename)   # who reads: the DataLoader reads its own seed
+        return real_item(self)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    metrics = task.evaluate(model, DataLoader(data, batch_size=8), CPU)   # 5 batches
+    ours = [path for path in reads if "torch" not in path.split("site-packages")[-1][:7]]
+    assert len(ours) == len(metrics)   # one read per reported value

@@ -53,7 +53,9 @@ def landmark_errors(pred, target):
     return torch.linalg.vector_norm(pred - target, dim=2).mean(dim=1) / inter_ocular
 
 
-def mean_error_and_failure_rate(pred, target):
-    """(ME, FR) as Python floats; both fractions, FR counts ``err > 0.1`` strictly (docs/evaluation.md §2)."""
+def error_and_failure_sums(pred, target):
+    """Over a batch, the sum of the per-image errors and the number of failures (``err > 0.1`` strictly),
+    as tensors on the batch's device: ME and FR are their sums over a set divided by its size
+    (docs/evaluation.md §2)."""
     errors = landmark_errors(pred, target)
-    return errors.mean().item(), (errors > FAILURE_THRESHOLD).to(errors.dtype).mean().item()
+    return errors.sum(), (errors > FAILURE_THRESHOLD).sum().float()

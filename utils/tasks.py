@@ -91,13 +91,28 @@ class Cifar10Task(_Task):
         return epoch + iteration / args.val_iteration  # fractional epochs
 
     def train_loader(self, dataset, args):
+        """An epoch's ``--val-iteration`` training batches, pass after pass over fresh permutations (the
+        authors' restarted shuffled loader without the restarts, ``dataset.cifar10.EndlessShuffle``)."""
+        from dataset.cifar10 import DeviceBatches, EndlessShuffle
+        self._check_batch_size(dataset, args)
+        if args.data_on_device:
+            return DeviceBatches(dataset, args.batch_size, self.device, batches=args.val_iteration)
+        return _loader(dataset, args, self.device,
+                       batch_sampler=EndlessShuffle(len(dataset), args.batch_size, args.val_iteration))
+
+    def train_stats_loader(self, dataset, args):
+        """One shuffled, drop-last pass over the labeled images, the authors' "Train Stats" (docs/evaluation.md §1)."""
+        from dataset.cifar10 import DeviceBatches
+        self._check_batch_size(dataset, args)
+        if args.data_on_device:
+            return DeviceBatches(dataset, args.batch_size, self.device)
+        return _loader(dataset, args, self.device, batch_size=args.batch_size, shuffle=True, drop_last=True)
+
+    @staticmethod
+    def _check_batch_size(dataset, args):
         if len(dataset) < args.batch_size:
             raise UserError(f"--batch-size {args.batch_size} is larger than the {len(dataset)} images it is drawn "
                             f"from; lower --batch-size or raise --n-labeled")
-        if args.data_on_device:
-            from dataset.cifar10 import DeviceBatches
-            return DeviceBatches(dataset, args.batch_size, self.device)
-        return _loader(dataset, args, self.device, batch_size=args.batch_size, shuffle=True, drop_last=True)
 
     def eval_loader(self, dataset, args):
         return _loader(dataset, args, self.device, batch_size=args.batch_size, shuffle=False)
@@ -139,7 +154,7 @@ class Cifar10Task(_Task):
     def evaluate(self, model, loader, device):
         def per_batch(logits, labels):
             n = len(labels)
-            return [F.cross_entropy(logits, labels) * n, torch.tensor(top1_accuracy(logits, labels) * n)]
+            return [F.cross_entropy(logits, labels) * n, (top1_accuracy(logits, labels) * n).float()]
         loss, acc = _sum_by_batch(model, loader, device, per_batch)
         return {"loss": loss.item(), "acc": acc.item()}
 
@@ -176,6 +191,10 @@ class AflwTask(_Task):
         sampler = RepeatPermutationSampler(len(dataset), args.val_iteration * args.batch_size)
         return _loader(dataset, args, self.device,
                        batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True))
+
+    def train_stats_loader(self, dataset, args):
+        """"Train Stats" (docs/evaluation.md §2): the ``--val-iteration`` batches of a training epoch."""
+        return self.train_loader(dataset, args)
 
     def eval_loader(self, dataset, args):
         return _loader(dataset, args, self.device, batch_size=args.batch_size, shuffle=False)
@@ -216,13 +235,11 @@ class AflwTask(_Task):
         return out[:len(x_l)], out[len(x_l):]
 
     def evaluate(self, model, loader, device):
-        from utils.landmarks import denormalise, landmark_errors
+        from utils.landmarks import denormalise, error_and_failure_sums
 
         def per_batch(outputs, targets):
             pred = denormalise(outputs, self.mean, self.std)
-            err = landmark_errors(pred, targets)
-            n = len(targets)
-            return [F.mse_loss(pred, targets) * n, err.sum(), (err > 0.1).sum().float()]
+            return [F.mse_loss(pred, targets) * len(targets), *error_and_failure_sums(pred, targets)]
         loss, me, fr = _sum_by_batch(model, loader, device, per_batch)
         return {"loss": loss.item(), "me": me.item(), "fr": fr.item()}
 
