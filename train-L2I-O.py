@@ -32,7 +32,7 @@ from utils.ema import EvalEMA, MeanTeacher  # noqa: E402
 from utils.meta import imputed_label_gradient, label_generator_output  # noqa: E402
 from utils.runtime import compile_networks  # noqa: E402
 from utils.schedules import unsup_weight  # noqa: E402
-from utils.steps import consistency_update, set_lr  # noqa: E402
+from utils.steps import UpdateSizes, consistency_update, set_lr  # noqa: E402
 
 
 def build(args, task, device):
@@ -49,8 +49,10 @@ def build(args, task, device):
 def train_step(nets, batch, task, args, weight, step):
     """One L2I-O iteration; ``weight`` = λ_u after its ramp-up, ``step`` = the global iteration t."""
     student, optimizer = nets.student, nets.optimizer
+    updates = UpdateSizes(student.parameters())  # for the logs: how far each optimizer step moves θ
     # 1-4. MT update: the mean teacher labels view 2; L_x + w·L_u; optimizer step #1 (utils/steps.py).
     losses = consistency_update(student, optimizer, task, batch, nets.mean_teacher.model, weight)
+    first_update = updates.since_last()
     if args.ema_updates == 2:  # AFLW: EMA-E after each optimizer step (docs/method.md §4.4 step 4)
         nets.ema_eval.update(student)
     optimizer.zero_grad(set_to_none=True)
@@ -61,14 +63,18 @@ def train_step(nets, batch, task, args, weight, step):
     # 8-11. dM(θ')/dz with θ' = θ - η·∇θ V(o, z), η = virtual-step × current lr (utils/meta.py). The view-1
     # graph is not needed afterwards, so it is freed as soon as the virtual step has used it.
     lr = optimizer.param_groups[0]["lr"]
-    grad_labels = imputed_label_gradient(student, task, args, lr, batch, student_out, labels, keep_graph=False)
+    grad_labels, meta_loss = imputed_label_gradient(student, task, args, lr, batch, student_out, labels, keep_graph=False)
     # 12-13. Into the label generator's parameters (= the student's), then optimizer step #2 (shared state).
     labels.backward(grad_labels)
     optimizer.step()
+    second_update = updates.since_last()
     # 14. EMA-E (with the student shrink on CIFAR-10), then the mean teacher.
     nets.ema_eval.update(student)
     nets.mean_teacher.update(student, step)
-    return losses
+    # What the meta step did (README "Quick try"): M(θ'), the size of dM/dz, and the second update's size
+    # relative to the first.
+    return dict(losses, meta_loss=meta_loss, meta_grad_norm=grad_labels.norm(),
+                update_ratio=second_update / first_update)
 
 
 def main(argv=None):

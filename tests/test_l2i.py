@@ -27,6 +27,7 @@ import torch
 from torch.func import functional_call
 
 from models.tcdcnn import TCDCNN
+from tests.test_scripts import RUN_FILES
 from models.wideresnet import WideResNet
 from utils.benchmark import make_config, random_batch
 from utils.schedules import unsup_weight
@@ -649,7 +650,6 @@ E2E_OPTIONS = ["--batch-size", "8", "--val-iteration", "2", "--epochs", "2", "--
 E2E_N_LABELED = {"cifar10": ["--n-labeled", "40", "--n-val", "20"], "aflw": ["--n-labeled", "0.2"]}
 E2E_RUNS = [(method, task, "exact") for method, task in CONFIGS] + [("L2I-O", "cifar10", "unroll")]
 E2E_IDS = [f"{task}-{method}-{grad}" for method, task, grad in E2E_RUNS]
-RUN_FILES = {"args.json", "split.json", "log.txt", "checkpoint.pth.tar", "model_best.pth.tar", "summary.json"}
 LOG_COLUMNS = {
     "cifar10": ["Train Loss", "Train Loss X", "Train Loss U", "Valid Loss", "Valid Acc.", "Test Loss", "Test Acc."],
     "aflw": ["Train Loss", "Train Loss X", "Train Loss U", "Train ME", "Train FR", "Valid Loss", "Valid ME.",
@@ -816,6 +816,21 @@ def test_cli_logs_the_model_that_spec_evaluates(cli_runs, method, task_name):
     other = "ema" if reported == "student" else "student"
     assert losses[reported] == pytest.approx(logged, abs=2e-6)
     assert abs(losses[other] - logged) > 1e-4
+
+
+@pytest.mark.parametrize("key", [k for k in E2E_RUNS if k[2] == "exact"], ids=lambda k: f"{k[1]}-{k[0]}")
+def test_cli_logs_what_the_meta_step_does(cli_runs, key):
+    """Per epoch, to tensorboard and the epoch line: the meta loss M(θ'), the norm of dM/dz (dM/dr) and the
+    size of the second optimizer update relative to the first (README "Quick try")."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(finished(cli_runs, key)), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    for name in ("meta_loss", "meta_grad_norm", "update_ratio"):
+        values = [e.value for e in accumulator.Scalars(f"train/{name}")]
+        assert len(values) == 2 and all(np.isfinite(v) and v > 0 for v in values), (name, values)
+    lines = re.findall(r"^epoch \d/2 .*$", cli_runs[key].stdout, flags=re.M)
+    assert len(lines) == 2 and all(re.search(r"meta_loss \S+  meta_grad_norm \S+  update_ratio \S+", line)
+                                   for line in lines), lines
 
 
 def test_cli_l2il_logs_the_refinement_loss(cli_runs):

@@ -53,7 +53,8 @@ CIFAR_TAGS = {"losses/train_loss": "Train Loss", "losses/valid_loss": "Valid Los
 AFLW_TAGS = {"losses/train_loss": "Train Loss", "losses/valid_loss": "Valid Loss", "losses/test_loss": "Test Loss",
              "accuracy/train_me": "Train ME", "accuracy/val_me": "Valid ME.", "accuracy/test_me": "Test ME.",
              "accuracy/train_fr": "Train FR", "accuracy/val_fr": "Valid FR", "accuracy/test_fr": "Test FR"}
-RUN_FILES = {"args.json", "split.json", "log.txt", "checkpoint.pth.tar", "model_best.pth.tar", "summary.json"}
+RUN_FILES = {"args.json", "split.json", "log.txt", "status.json", "checkpoint.pth.tar", "model_best.pth.tar",
+             "summary.json"}
 
 SCRIPT_RUNS = [("SL", "cifar10"), ("MT", "cifar10"), ("MM", "cifar10"), ("SL", "aflw"), ("MT", "aflw")]
 if (REPO / "train-PL.py").is_file():
@@ -462,6 +463,9 @@ def test_ctrl_c_keeps_a_checkpoint_that_resumes_exactly(runs, tmp_path):
     assert "--resume" in message and "Traceback" not in message
     done = load(folder / "checkpoint.pth.tar")["epoch"]
     assert 1 <= done < 50
+    status = json.loads((folder / "status.json").read_text())
+    assert (status["state"], status["epochs_done"], status["epochs"]) == ("interrupted", done, 50)
+    assert status["detail"] == f"Ctrl-C in epoch {done + 1}" and len(status["attempts"]) == 1
     assert len(read_log(folder, CIFAR_COLUMNS)) == done
     assert not (folder / "summary.json").exists()
     target = max(done + 1, CIFAR_EPOCHS)    # reuse the 3-epoch reference when it is long enough
@@ -503,6 +507,20 @@ def test_ctrl_c_between_the_logs_and_the_checkpoint_loses_and_doubles_no_scalars
 
 
 # ----------------------------------------------------------------------------- refusing bad input (docs/defaults.md §4)
+
+def test_without_cuda_the_note_comes_when_training_starts(roots, tmp_path):
+    """No --gpu on a machine without CUDA: a data error is still one line; a run says CUDA is missing once,
+    and its first line names the labeled images as a fraction and a count."""
+    options = [o for o in RUN_OPTIONS if o != "--gpu" and o != "cpu"]
+    missing = cli("MT", "--data-root", tmp_path / "nowhere", "--n-labeled", "0.2", *options)
+    assert missing.returncode == 2 and "CUDA" not in missing.stderr
+    assert_one_error_line(missing.stderr)
+    proc = cli("MT", "--data-root", roots["aflw"], "--n-labeled", "0.2", *options, "--epochs", 1,
+               "--out", tmp_path / "run")
+    assert_ok(proc)
+    assert proc.stderr.count("CUDA is not available: running on the CPU.") == 1
+    assert proc.stdout.startswith(f"MT on aflw, 20 % labels ({round(0.2 * AFLW_TRAIN)} images), cpu"), proc.stdout
+
 
 def test_refuses_to_overwrite_an_existing_run(runs, tmp_path):
     folder = tmp_path / "existing"
@@ -665,6 +683,11 @@ def test_nan_loss_keeps_the_last_epoch_and_resumes_exactly(runs, roots, tmp_path
     assert load(folder / "checkpoint.pth.tar")["epoch"] == 1
     assert len(read_log(folder, AFLW_COLUMNS)) == 1
     assert not (folder / "summary.json").exists()
+    status = json.loads((folder / "status.json").read_text())
+    assert (status["state"], status["epochs_done"]) == ("stopped", 1)
+    assert "became nan in epoch 2, iteration 2" in status["detail"]
     code, err = main_exit_code("MT", ["--resume", folder, "--gpu", "cpu", "--workers", 0, "--no-progress"], capsys)
     assert code == 0, err
     assert_same_run(runs.uninterrupted("MT", "aflw"), folder)
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "finished" and [a["state"] for a in status["attempts"]] == ["stopped", "finished"]

@@ -120,14 +120,15 @@ class Terminal(io.StringIO):
 def test_the_progress_bar_fits_80_columns(monkeypatch):
     terminal = Terminal()
     monkeypatch.setattr(sys, "stdout", terminal)
-    progress = EpochProgress(1024, 1024, 1024, enabled=True)
+    # The widest labels with the longest run still ahead (1023 more epochs), as a conservative worst case.
+    progress = EpochProgress(1024, 1024, 1024, enabled=True, later_iterations=1023 * 1024)
     assert progress.mode == "bar"
     for done, seconds, loss in ((1, 12.3, 123.456), (512, 0.123, 0.012345), (1024, 9.99, 1.5)):
         progress.show(done, seconds, loss)
     progress.finish()
     lines = [line for line in re.split(r"[\r\n]", terminal.getvalue().replace("\x1b[?25l", "")
                                        .replace("\x1b[?25h", "")) if line.strip()]
-    assert len(lines) == 3 and all("Epoch 1024/1024" in line for line in lines), lines
+    assert len(lines) == 3 and all("Epoch 1024/1024" in line and " run " in line for line in lines), lines
     assert max(len(line.rstrip()) for line in lines) <= 80, max(lines, key=len)
 
 

@@ -34,8 +34,8 @@ from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from utils.defaults import data_workers
 from utils.errors import UserError
 from utils.evaluation import PROTOCOLS, summarize
-from utils.folder import ARGS, SPLIT, SUMMARY
-from utils.logger import EpochProgress, open_writer, write_log
+from utils.folder import ARGS, SPLIT, STATUS, SUMMARY
+from utils.logger import EpochProgress, open_writer, short_duration, write_log
 from utils.options import RESUME_OVERRIDES, fail, finalize, normalised_path
 from utils.runtime import (configure_backends, keep_freed_memory, rng_state, seed_everything, select_device,
                            set_rng_state, warn_if_slow_bf16)
@@ -44,6 +44,8 @@ from utils.tasks import TASKS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STREAMS = {"labeled": "labeled", "unlabeled": "unlabeled", "meta": "labeled"}  # stream → the data it draws
 CHECKPOINT_FORMAT = 2
+NONFINITE_CHECK_S = 60.0   # a non-finite loss stops the run within a minute, whatever the progress display
+PROJECTION_AFTER_S = 10.0  # the whole run's time is projected once the first iterations took this long
 # Checkpoints written before the scripts owned their loops held four fixed objects under these keys.
 LEGACY_KEYS = {"state_dict": "student", "ema_state_dict": "ema_eval", "teacher_state_dict": "mean_teacher",
                "optimizer": "optimizer"}
@@ -68,13 +70,21 @@ def bookkeeping(method, parse_args, argv, datasets, streams):
     except UserError as exc:
         fail(exc)
     except KeyboardInterrupt:
+        if book is None:  # during the set-up: nothing was written
+            sys.exit(130)
+        book.set_status("interrupted", f"Ctrl-C in epoch {book.epoch + 1}")
         print(f"\ninterrupted in epoch {book.epoch + 1}; the checkpoint after epoch {book.epoch} is kept "
               f"(work in the unfinished epoch is dropped, so a resumed run is exact): "
               f"continue with --resume {book.args.out}", file=sys.stderr)
         sys.exit(130)
     except NonFiniteLoss as exc:
+        book.set_status("stopped", str(exc))
         print(f"error: {exc}; the checkpoint after epoch {book.epoch} is kept in {book.args.out}", file=sys.stderr)
         sys.exit(1)
+    except Exception as exc:  # a crash (out of memory, a bug in a variant): say so in status.json, then raise
+        if book is not None:
+            book.set_status("stopped", f"{type(exc).__name__}: {exc}".splitlines()[0])
+        raise
     finally:
         if book is not None:
             book.close()
@@ -104,10 +114,11 @@ class Bookkeeper:
             raise UserError(f"the data split of {args.resume} differs from the one made now from the same seed "
                             f"(different data or library versions); it cannot be resumed exactly")
         args.split = data.split
+        self.labeled_images = len(data.labeled)
         self.task.to(self.device)
         self.loaders = {name: self.task.train_loader(getattr(data, STREAMS[name]), args)
                         for name in STREAMS if name in streams}
-        self.loaders["train"] = self.loaders["labeled"]  # "Train Stats": the labeled training images
+        self.loaders["train"] = self.task.train_stats_loader(data.labeled, args)  # "Train Stats"
         self.loaders.update(val=self.task.eval_loader(data.val, args), test=self.task.eval_loader(data.test, args))
         self.streams = [name for name in STREAMS if name in streams]
         self.kept = {}
@@ -147,21 +158,31 @@ class Bookkeeper:
         """``(iteration, batch)`` for the epoch's ``--val-iteration`` iterations: the batch holds one draw of
         each stream, on the device (``utils.tasks.Batch``). Shows progress; advances ``step`` after each."""
         args = self.args
-        streams = {name: Restarting(self.loaders[name]) for name in self.streams}
+        streams = {name: iter(self.loaders[name]) for name in self.streams}  # an epoch's batches each
         self.scalars = EpochScalars(self.epoch, args.val_iteration)
         self.epoch_record = {}
-        progress = EpochProgress(self.epoch + 1, args.epochs, args.val_iteration, enabled=not args.no_progress)
-        started, data_time = time.perf_counter(), 0.0
+        progress = EpochProgress(self.epoch + 1, args.epochs, args.val_iteration, enabled=not args.no_progress,
+                                 later_iterations=(args.epochs - self.epoch - 1) * args.val_iteration)
+        started, data_time, checked = time.perf_counter(), 0.0, time.monotonic()
         for self.iteration in range(args.val_iteration):
             tick = time.perf_counter()
-            drawn = {name: stream.next() for name, stream in streams.items()}
+            drawn = {name: next(stream) for name, stream in streams.items()}
             batch = self.task.make_batch(drawn.get("labeled"), drawn.get("unlabeled"), drawn.get("meta"), self.device)
             data_time += time.perf_counter() - tick
             yield self.iteration, batch
             self.step += 1
             done = self.iteration + 1
-            if progress.due(done):
-                progress.show(done, (time.perf_counter() - started) / done, self.scalars.means(done).get("loss"))
+            shown = progress.due(done)
+            # Reading the losses waits for the device: only to show them, and at least once a minute to stop
+            # a run whose loss is no longer finite (NonFiniteLoss).
+            if shown or time.monotonic() - checked >= NONFINITE_CHECK_S:
+                loss = self.scalars.means(done).get("loss")
+                checked = time.monotonic()
+                if shown:
+                    progress.show(done, (time.perf_counter() - started) / done, loss)
+            if not self.projected and (time.perf_counter() - started >= PROJECTION_AFTER_S
+                                       or done == args.val_iteration):
+                self._project((time.perf_counter() - started) / done, args.val_iteration - done)
         means = self.scalars.means(args.val_iteration)  # on a GPU, also waits for the epoch's last iterations
         progress.finish()
         seconds = time.perf_counter() - started
@@ -228,11 +249,32 @@ class Bookkeeper:
         """``summary.json`` and the printed summary, once every epoch is trained."""
         summary = summarize(self.protocol, self.history, self._wall_time(), self.args)
         write_json(os.path.join(self.args.out, SUMMARY), summary)
+        self.set_status("finished")
         print_summary(summary)
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+    def set_status(self, state, detail=""):
+        """``status.json``: how this attempt stands or ended (running, finished, interrupted, stopped), after
+        those of the run's earlier attempts. An attempt that is killed stays "running"."""
+        if self.started is None:
+            return  # nothing of this attempt is on disk yet
+        attempt = {"started": self.attempt_started, "state": state, "detail": detail, "epochs_done": self.epoch}
+        status = {key: attempt[key] for key in ("state", "detail", "epochs_done")}
+        write_json(os.path.join(self.args.out, STATUS),
+                   dict(status, epochs=self.args.epochs, attempts=self.earlier_attempts + [attempt]))
+
+    def _project(self, seconds_per_iteration, left_in_epoch):
+        """Once per attempt: if the training left takes more than a day at this speed, say so."""
+        self.projected = True
+        left = left_in_epoch + (self.args.epochs - self.epoch - 1) * self.args.val_iteration
+        seconds = seconds_per_iteration * left
+        if seconds > 24 * 3600:
+            where = "this GPU" if self.device.type == "cuda" else "this CPU; a GPU takes hours"
+            print(f"note: the {left:,} training iterations left take about {short_duration(seconds)} on {where} "
+                  f"(README \"Quick try\" shows a run of minutes)", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------ run folder and checkpoints
 
@@ -246,13 +288,17 @@ class Bookkeeper:
             save_checkpoint(self._state(), args.out, is_best=False)
         else:
             self._restore(self.saved)
-            self._write_log()  # drop rows of an epoch the checkpoint does not hold
+        self._write_log()  # its header for a new run; drops rows of an epoch the checkpoint does not hold
         earlier = None if self.saved is None else earlier_record(args.out)
         write_json(os.path.join(args.out, ARGS), options_record(args, earlier))
+        self.earlier_attempts = [] if self.saved is None else read_json(os.path.join(args.out, STATUS)).get("attempts", [])
+        self.attempt_started, self.projected = datetime.now(timezone.utc).isoformat(timespec="seconds"), False
+        if self.device.type == "cpu" and args.gpu != "cpu":
+            print("CUDA is not available: running on the CPU.", file=sys.stderr)
         networks = [obj for obj in self.kept.values() if isinstance(obj, torch.nn.Module)]
         size = f"; {sum(p.numel() for p in networks[0].parameters()) / 1e6:.2f}M parameters" if networks else ""
-        print(f"{self.method} on {args.dataset}, {args.n_labeled:g} labels, {self.device}{size}; "
-              f"run folder {args.out}")
+        print(f"{self.method} on {args.dataset}, {labels_text(args.n_labeled, self.labeled_images)}, "
+              f"{self.device}{size}; run folder {args.out}")
         # Every attempt rewrites the scalars of the epochs the checkpoint holds, purging those of earlier
         # attempts: tensorboardX writes events from a queue in a thread of its own, so the last epoch's
         # events of an attempt killed with SIGKILL may never have reached the disk.
@@ -260,6 +306,7 @@ class Bookkeeper:
         for record in self.history:
             self._write_scalars(record)
         self.started = time.time()
+        self.set_status("running")
 
     def _state(self):
         return {"format": CHECKPOINT_FORMAT, "args": {k: v for k, v in vars(self.args).items() if k != "given"},
@@ -299,7 +346,8 @@ class Bookkeeper:
         """One epoch's tensorboard scalars, at the step of samples seen by its end."""
         step = self.args.batch_size * self.args.val_iteration * record["epoch"]
         for tag, value in tensorboard_scalars(self.protocol, record).items():
-            self.writer.add_scalar(tag, value, step)
+            if math.isfinite(value):  # a diverged evaluation stays in log.txt; tensorboard would only warn
+                self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
 
@@ -333,20 +381,6 @@ def _tag_of(name):
 def _shown_in_epoch_line(name):
     """Recorded scalars beyond the losses and the schedules (lr, λ_u) are shown in the epoch line too."""
     return not (name.startswith("loss") or name in ("lr", "lambda_u"))
-
-
-class Restarting:
-    """A loader's iterator, restarted whenever it is exhausted (docs/method.md §2.6)."""
-
-    def __init__(self, loader):
-        self.loader, self.iterator = loader, iter(loader)
-
-    def next(self):
-        try:
-            return next(self.iterator)
-        except StopIteration:
-            self.iterator = iter(self.loader)
-            return next(self.iterator)
 
 
 class EpochScalars:
@@ -482,14 +516,28 @@ def options_record(args, earlier):
     return record
 
 
-def earlier_record(folder):
-    """The run's ``args.json`` as written by its earlier attempts; {} if it is missing or unreadable."""
+def labels_text(n_labeled, images):
+    """``250 labels``; ``1 % labels (11 images)`` for a fraction; ``all labels (8 970 images)`` for -1."""
+    if n_labeled == -1:
+        return f"all labels ({images} images)"
+    if isinstance(n_labeled, float):
+        return f"{100 * n_labeled:g} % labels ({images} images)"
+    return f"{images} labels"
+
+
+def read_json(path):
+    """A JSON object from ``path``; {} if it is missing or unreadable."""
     try:
-        with open(os.path.join(folder, ARGS)) as f:
-            record = json.load(f)
+        with open(path) as f:
+            value = json.load(f)
     except (OSError, json.JSONDecodeError):
         return {}
-    return record if isinstance(record, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def earlier_record(folder):
+    """The run's ``args.json`` as written by its earlier attempts; {} if it is missing or unreadable."""
+    return read_json(os.path.join(folder, ARGS))
 
 
 def print_summary(s):

@@ -36,16 +36,18 @@ def open_writer(folder, first_step):
 class EpochProgress:
     """How an epoch's progress is shown: a ``progress`` bar that fits an 80-column terminal, or, when stdout
     is not a terminal (nohup, a log file, a cluster job), a plain line at most every ``PLAIN_EVERY_S``
-    seconds; ``--no-progress`` shows neither. The scripts print one line per finished epoch in every mode.
+    seconds; ``--no-progress`` shows neither. Both give the time left in the epoch and in the whole run
+    (training only, at the current speed; ``later_iterations``: those of the epochs after this one). The
+    scripts print the lines of each finished epoch in every mode.
 
     ``due`` says when to refresh, so that the caller reads its losses from the device only then.
     """
     BAR_REFRESH_S = 0.5
     PLAIN_EVERY_S = 60.0
-    BAR_WIDTH = 16   # "Epoch 1024/1024 |" + 16 + "| " + the longest suffix fits 80 columns
+    BAR_WIDTH = 12   # "Epoch 1024/1024 |" + 12 + "| " + the longest suffix fits 80 columns
 
-    def __init__(self, epoch, epochs, total, enabled):
-        self.epoch, self.epochs, self.total = epoch, epochs, total
+    def __init__(self, epoch, epochs, total, enabled, later_iterations=0):
+        self.epoch, self.epochs, self.total, self.later = epoch, epochs, total, later_iterations
         self.mode = None if not enabled else "bar" if sys.stdout.isatty() else "plain"
         self.bar = (Bar(f"Epoch {epoch}/{epochs}", max=total, width=self.BAR_WIDTH, file=sys.stdout)
                     if self.mode == "bar" else None)
@@ -60,13 +62,16 @@ class EpochProgress:
 
     def show(self, done, seconds_per_iteration, loss):
         self.last_shown = time.monotonic()
-        eta = _duration(seconds_per_iteration * (self.total - done))
+        epoch_eta = _duration(seconds_per_iteration * (self.total - done))
+        run_eta = short_duration(seconds_per_iteration * (self.total - done + self.later))
         if self.mode == "bar":
-            self.bar.suffix = f"{done}/{self.total} {seconds_per_iteration:.3g}s/it loss {loss:.4g} ETA {eta}"
+            self.bar.suffix = (f"{done}/{self.total} {seconds_per_iteration:.2g}s/it loss {loss:.3g} "
+                               f"ETA {epoch_eta} run {run_eta}")
             self.bar.goto(done)
         else:
             print(f"  epoch {self.epoch}/{self.epochs}: iteration {done}/{self.total}, "
-                  f"{seconds_per_iteration:.3g} s each, loss {loss:.4g}, epoch ends in {eta}", flush=True)
+                  f"{seconds_per_iteration:.3g} s each, loss {loss:.4g}, epoch ends in {epoch_eta}, "
+                  f"run in {run_eta}", flush=True)
 
     def finish(self):
         if self.bar is not None:
@@ -77,3 +82,11 @@ def _duration(seconds):
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def short_duration(seconds):
+    """``41d03h``, ``3h05m``, ``12m09s``: a run's remaining time in a few characters."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h" if days else f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 
-from utils.options import META_GRADS as METHODS
+from utils.options import META_GRADS
 
 
 @contextlib.contextmanager
@@ -74,22 +74,22 @@ def _meta_loss_at(model, theta_prime, buffers, meta_inputs, meta_targets, meta_l
 
 
 def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, meta_inputs, meta_targets,
-                        meta_loss, virtual_step_size, method="exact", keep_graph=True):
+                        meta_loss, virtual_step_size, method="exact", keep_graph=True, return_meta_loss=False):
     """d M(θ') / d labels, where θ' = θ - virtual_step_size * ∇θ virtual_loss(student_out, labels),
     student_out = model(unlabeled) computed by the caller WITH graph on model's real parameters θ
     (train mode; on `unlabeled` alone), labels = the imputed labels z (any tensor; treated as a
     constant leaf here — the caller back-propagates the returned gradient further itself, e.g.
     `z.backward(grad)` into a label generator for L2I-O, or a plain step `r - step*grad` for L2I-L),
     M(θ') = meta_loss(functional forward of model at θ' on meta_inputs, meta_targets).
-    Returns a tensor shaped like `labels`.
+    Returns a tensor shaped like `labels`; with return_meta_loss, also the value M(θ') (detached).
 
     method="exact" (default) and "unroll" give the same answer (see the module docstring).
     keep_graph=True leaves the caller's graph behind `student_out` usable afterwards (L2I-L back-propagates
     through it again); False frees it as soon as it has been used, lowering the peak memory.
     "exact" re-runs `model` on `unlabeled` (the JVP), so the forward must be deterministic: no active
     dropout (WRN-28-2 has rate 0, TCDCNN none) and the same train/eval mode as the caller's forward."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in META_GRADS:
+        raise ValueError(f"method must be one of {META_GRADS}, got {method!r}")
     # Trainable parameters are θ; anything else (buffers, frozen parameters) enters as a constant.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
@@ -107,7 +107,8 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
         meta = _meta_loss_at(model, theta_prime, constants, meta_inputs, meta_targets, meta_loss)
         # The double-backward graph shares the caller's nodes: free them only if the caller is done.
         (grad,) = torch.autograd.grad(meta, z_leaf, retain_graph=keep_graph, allow_unused=True)
-        return torch.zeros_like(labels) if grad is None else grad
+        grad = torch.zeros_like(labels) if grad is None else grad
+        return (grad, meta.detach()) if return_meta_loss else grad
 
     # "exact" (docs/method.md §1.5). 1) first-order virtual step; z is a constant here. This is the last use of
     # the caller's graph unless the caller back-propagates student_out again (keep_graph).
@@ -126,7 +127,8 @@ def meta_label_gradient(model, student_out, unlabeled, labels, virtual_loss, met
     out_leaf = student_out.detach().requires_grad_(True)
     (grad_out,) = torch.autograd.grad(virtual_loss(out_leaf, z_leaf), out_leaf, create_graph=True)
     (grad,) = torch.autograd.grad((grad_out * tangent).sum(), z_leaf, allow_unused=True)
-    return torch.zeros_like(labels) if grad is None else -virtual_step_size * grad
+    grad = torch.zeros_like(labels) if grad is None else -virtual_step_size * grad
+    return (grad, meta.detach()) if return_meta_loss else grad
 
 
 def virtual_loss(task, batch, student_out, labels, reduction, squash):
@@ -156,9 +158,11 @@ def label_generator_output(model, inputs):
 def imputed_label_gradient(student, task, args, lr, batch, student_out, labels, keep_graph):
     """``meta_label_gradient`` with the run's L2I options (docs/method.md §5.1): the virtual step of size
     ``virtual_step × lr`` (the current lr) on V(o, z) over view 1, and the task's supervised loss on the meta
-    batch. ``keep_graph``: whether the caller back-propagates ``student_out`` again afterwards."""
+    batch. ``keep_graph``: whether the caller back-propagates ``student_out`` again afterwards.
+    Returns dM/dz and the meta loss M(θ') (detached, for the logs)."""
     return meta_label_gradient(
         student, student_out, batch.u1, labels,
         virtual_loss=lambda out, z: virtual_loss(task, batch, out, z, args.virtual_reduction, args.virtual_squash),
         meta_inputs=batch.x_m, meta_targets=batch.y_m, meta_loss=task.supervised_loss,
-        virtual_step_size=args.virtual_step * lr, method=args.meta_grad, keep_graph=keep_graph)
+        virtual_step_size=args.virtual_step * lr, method=args.meta_grad, keep_graph=keep_graph,
+        return_meta_loss=True)

@@ -11,7 +11,8 @@ from utils.errors import UserError
 
 def select_device(gpu):
     """``--gpu ID`` as in the authors' scripts: ``None`` (not given) means 0, as ``--help`` says; ``'cpu'``
-    forces the CPU, and the CPU is used (announced in one line) when CUDA is unavailable. Of a list such
+    forces the CPU, and the CPU is used when CUDA is unavailable (the training scripts say so once training
+    starts, so that the note never precedes a data error). Of a list such
     as ``0,1`` (the authors' CUDA_VISIBLE_DEVICES value) the first id is used. On CUDA the device is made
     the current one, so that nothing (cuDNN and cuBLAS handles, the RNG, a ``'cuda'`` without an index)
     opens a context on GPU 0 when training on another GPU."""
@@ -22,7 +23,6 @@ def select_device(gpu):
     if not first.isdigit():
         raise UserError(f"--gpu {gpu}: not a CUDA device id; give one such as 0, or --gpu cpu")
     if not torch.cuda.is_available():
-        print("CUDA is not available: running on the CPU.", file=sys.stderr)
         return torch.device("cpu")
     index, count = int(first), torch.cuda.device_count()
     if index >= count:

@@ -26,3 +26,19 @@ def set_lr(optimizer, lr):
     """Every parameter group of ``optimizer`` at learning rate ``lr``."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class UpdateSizes:
+    """How far each optimizer step moves the parameters, ‖Δθ‖, for the logs (L2I: the meta step's second
+    update beside the first). Reads nothing from the device: the sizes stay tensors until logged."""
+
+    def __init__(self, parameters):
+        self.parameters = list(parameters)
+        self.last = [p.detach().clone() for p in self.parameters]
+
+    def since_last(self):
+        """‖θ now − θ at the previous call (or at construction)‖ over all parameters."""
+        now = [p.detach().clone() for p in self.parameters]
+        change = torch._foreach_sub(now, self.last)
+        self.last = now
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(change)))
