@@ -17,7 +17,8 @@ DATASETS = ("cifar10", "aflw")    # the first is the default
 
 
 def parse_args(argv=None):
-    parser = common_parser("L2I-L: learning to impute, labels as learnable tensors", BASED_ON, DATASETS)
+    parser = common_parser("L2I-L: learning to impute, labels as learnable tensors", BASED_ON, DATASETS,
+                           method=METHOD)
     add_meta_options(parser, label_step=True)
     return parser.parse_args(argv)
 

@@ -17,7 +17,8 @@ DATASETS = ("cifar10", "aflw")    # the first is the default
 
 
 def parse_args(argv=None):
-    parser = common_parser("L2I-O: learning to impute, labels as the output of a network", BASED_ON, DATASETS)
+    parser = common_parser("L2I-O: learning to impute, labels as the output of a network", BASED_ON, DATASETS,
+                           method=METHOD)
     add_meta_options(parser, label_step=False)
     return parser.parse_args(argv)
 

@@ -11,7 +11,7 @@ DATASETS = ("cifar10",)
 
 
 def parse_args(argv=None):
-    parser = common_parser("MixMatch", BASED_ON, DATASETS)
+    parser = common_parser("MixMatch", BASED_ON, DATASETS, method=METHOD)
     mixmatch = parser.add_argument_group("MixMatch")
     mixmatch.add_argument("--alpha", type=float, help="Beta(alpha, alpha) of the mixing weight (default 0.75)")
     mixmatch.add_argument("--T", type=float, help="sharpening temperature (default 0.5)")

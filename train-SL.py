@@ -13,7 +13,7 @@ DATASETS = ("aflw", "cifar10")    # the first is the default
 
 
 def parse_args(argv=None):
-    return common_parser("Supervised only", BASED_ON, DATASETS).parse_args(argv)
+    return common_parser("Supervised only", BASED_ON, DATASETS, method=METHOD).parse_args(argv)
 
 
 if __name__ == "__main__":  # --help and option errors answer now, before PyTorch is imported

@@ -628,6 +628,21 @@ def test_mismatched_resume_is_refused(run_copy, tmp_path, capsys, monkeypatch, c
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("name, content", [("random.bin", "random"), ("renamed.pth.tar", "checkpoint")])
+def test_resume_of_a_file_that_is_not_the_runs_checkpoint_says_so(run_copy, tmp_path, capsys, monkeypatch, name,
+                                                                    content):
+    """Random bytes or a renamed copy of a checkpoint: "not a checkpoint of this repository's runs", not a
+    rewind, and no suggested folder (the file's folder need not be a run)."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / name
+    path.write_bytes(os.urandom(4096) if content == "random" else (Path(run_copy) / "checkpoint.pth.tar").read_bytes())
+    before = snapshot(tmp_path)
+    code, err = main_exit_code("MT", ["--resume", path, "--epochs", 5, "--gpu", "cpu"], capsys)
+    line = assert_one_error_line(err)
+    assert code == 2 and "not a checkpoint of this repository" in line and "rewind" not in line, line
+    assert snapshot(tmp_path) == before
+
+
 def test_resume_keeps_script_specific_options(runs, tmp_path, capsys, monkeypatch):
     """A MixMatch run started with ``--T 0.4`` must resume without repeating ``--T``: options the user
     does not give on ``--resume`` are taken from the run (README "Monitoring and run folders")."""

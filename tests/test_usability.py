@@ -48,6 +48,9 @@ def test_a_copied_script_is_its_own_method(roots, tmp_path):
     def run(*argv):
         return subprocess.run([sys.executable, *map(str, argv)], cwd=repo, env=SCRIPT_ENV, capture_output=True,
                               text=True, timeout=600)
+    help_text = " ".join(run("train-MYVAR.py", "--help").stdout.split())
+    assert "MYVAR: a variant of Mean Teacher (train-MT.py)" in help_text and "cifar10MYVAR@250" in help_text
+    assert "cifar10MT@" not in help_text
     options = ["--data-root", roots["cifar10"], "--n-labeled", 40, *CIFAR_OPTIONS]
     proc = run("train-MYVAR.py", *options, "--epochs", 1)   # no --out: the default folder is the method's
     assert_ok(proc)

@@ -38,10 +38,14 @@ def checkpoint_path(resume):
     path = os.path.join(resume, CHECKPOINT) if os.path.isdir(resume) else resume
     if not os.path.isfile(path):
         raise UserError(f"--resume {resume}: no checkpoint at {path}")
-    if os.path.basename(path) != CHECKPOINT:
+    name = os.path.basename(path)
+    if name == BEST:
         raise UserError(f"--resume {resume}: a run continues from its latest checkpoint, {CHECKPOINT}; resuming "
-                        f"from {os.path.basename(path)} would rewind it and overwrite the later epochs. "
+                        f"from {BEST} would rewind it and overwrite the later epochs. "
                         f"Give the run folder: --resume {os.path.dirname(path) or '.'}")
+    if name != CHECKPOINT:
+        raise UserError(f"--resume {resume}: {name} is not a checkpoint of this repository's runs; give a run "
+                        f"folder, or the {CHECKPOINT} in it")
     return path
 
 

@@ -58,11 +58,16 @@ class Parser(argparse.ArgumentParser):
         return "(default " + ", ".join(f"{text} on {TASK_TITLES[d]}" for d, text in shown.items()) + ")"
 
 
-def common_parser(description, based_on, datasets):
+def common_parser(description, based_on, datasets, method=None):
     """The options every script shares. ``based_on``: the method whose options and per-task defaults the
-    script takes (one of ``utils.defaults.METHODS``); ``datasets``: the tasks it runs, the first the default."""
+    script takes (one of ``utils.defaults.METHODS``); ``datasets``: the tasks it runs, the first the default;
+    ``method``: the script's own method (its file's name), when it is a copy of ``based_on``'s script."""
     if based_on not in METHODS:
         raise ValueError(f"based_on must be one of {METHODS}, not {based_on!r}")
+    method = method or based_on
+    if method != based_on:
+        description = (f"{method}: a variant of {description} (train-{based_on}.py), a method of its own with "
+                       f"its own run folders and results")
     p = Parser(description, based_on, datasets)
     d = p.default_text
     p.add_argument("--gpu", help="CUDA device id, or 'cpu' (default 0; the CPU when CUDA is not available)")
@@ -72,7 +77,7 @@ def common_parser(description, based_on, datasets):
                    else f"{datasets[0]} only")
     p.add_argument("--data-root", metavar="DIR", help=f"where the dataset is {d('data_root')}")
     p.add_argument("--out", metavar="DIR", help="run folder; default named like the paper's, e.g. "
-                                                f"{datasets[0]}{based_on.replace('-', '')}@{defaults(datasets[0], based_on)['n_labeled']:g}")
+                                                f"{datasets[0]}{method.replace('-', '')}@{defaults(datasets[0], based_on)['n_labeled']:g}")
     p.add_argument("--resume", metavar="PATH", help="a run folder (or its checkpoint.pth.tar) to continue exactly")
     p.add_argument("--epochs", type=int, help=f"training epochs {d('epochs')}")
     p.add_argument("--val-iteration", type=int, metavar="K", help=f"iterations per epoch {d('val_iteration')}")
