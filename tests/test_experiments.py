@@ -2,6 +2,7 @@
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -86,6 +87,7 @@ def test_array_task_runs_only_the_ith_command(tmp_path):
     (["--run", "--filter", "aflw", "--array-task", "22"], "--array-task 22: there are 21 commands (1-21)"),
     (["--filter", "no-such-run"], "no command of the grid contains --filter 'no-such-run'"),
     (["--filter", "aflw", "stray"], "unexpected argument 'stray'"),
+    (["--run", "--filter", "cifar10MT@250-", "--array-task", "2"], "--array-task 2: there is 1 command (1-1)"),
 ])
 def test_user_mistakes_are_one_line_and_exit_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -99,6 +101,37 @@ def test_run_stops_when_a_run_is_interrupted_and_counts_failures(tmp_path):
     calls = []
     assert experiments.run_all(grid, "0", runner=lambda c: calls.append(c) or 130) == 1 and len(calls) == 1
     assert experiments.run_all(grid, "0", runner=lambda c: 1) == len(grid)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, capsys):
+    early, foreign, empty = experiments.select(experiments.grid([0], root=str(tmp_path)), "0", "cifar10MT@")[:3]
+    written = ["args.json", "split.json", "log.txt", "status.json", "status.json.tmp", "checkpoint.pth.tar.tmp",
+               "events.out.tfevents.1700000000.host.1.123"]
+    for e, names in ((early, written), (foreign, ["args.json", "log.txt", "notes.txt"]), (empty, [])):
+        os.makedirs(e.out)
+        for name in names:
+            open(os.path.join(e.out, name), "w").close()
+    calls = []
+    failed = experiments.run_all([early, foreign, empty], "0", runner=lambda command: calls.append(command) or 0)
+    out, err = capsys.readouterr()
+    assert failed == 1 and [option(c, "--out") for c in calls] == [early.out, empty.out]  # started, not resumed
+    assert os.listdir(early.out) == [] and sorted(os.listdir(foreign.out)) == ["args.json", "log.txt", "notes.txt"]
+    assert f"{early.out} was stopped before its first checkpoint: removed {', '.join(sorted(written))} to start it " \
+           f"again" in out.splitlines()
+    assert err.splitlines() == [f"cannot start {foreign.out} again: it has no checkpoint.pth.tar to resume, and it "
+                                f"holds notes.txt, which a training script does not write before its first "
+                                f"checkpoint; move the folder away"]
+
+
+def test_a_single_failed_run_is_one_run(tmp_path, capsys):
+    status = experiments.main(["--run", "--root", str(tmp_path), "--filter", "cifar10MT@250-"], runner=lambda c: 1)
+    assert status == 1 and capsys.readouterr().err.splitlines()[-1] == "1 of 1 run did not finish"
+
+
+def test_a_one_task_slurm_array_is_one_task(tmp_path):
+    script, stdout = write_slurm_script(tmp_path, ["--root", str(tmp_path / "runs"), "--filter", "cifar10MT@250-"])
+    assert stdout.startswith(f"wrote {script}: a Slurm array of 1 task, logs in ")
+    assert "task i trains the i-th of the 1 command that" in script.read_text()
 
 
 def test_the_runner_returns_the_scripts_exit_status():
@@ -132,13 +165,44 @@ def test_slurm_script_is_one_array_task_per_command(tmp_path):
     assert "#SBATCH --requeue" in text.splitlines() and "#SBATCH --gres=gpu:1" in text.splitlines()
     logs = tmp_path / "runs" / experiments.SLURM_LOGS
     assert re.findall(r"^#SBATCH --output=(.*)$", text, re.M) == [f"{logs}/%A_%a.out"] and logs.is_dir()
-    *_, cd, run = text.strip().splitlines()
-    assert shlex.split(cd) == ["cd", REPO]
-    assert shlex.split(run) == [sys.executable, "-m", "utils.experiments", "--run", "--array-task",
+    # Nothing of the machine that wrote it: the task runs in the folder it is submitted from, with the
+    # environment's python.
+    assert REPO not in text and sys.executable not in text
+    lines = text.strip().splitlines()
+    cd, run = lines[lines.index("set -euo pipefail") + 1], lines[-1]
+    assert shlex.split(cd)[:2] == ["cd", "${SLURM_SUBMIT_DIR:-.}"]
+    assert shlex.split(run) == ["python", "-m", "utils.experiments", "--run", "--array-task",
                                 "$SLURM_ARRAY_TASK_ID", "--seeds", "0", "1", "--gpu", "0", "--root",
                                 str(tmp_path / "runs"), "--filter", "aflw", *options[-4:]]
     assert '--array-task "$SLURM_ARRAY_TASK_ID"' in run  # quoted for bash, expanded by it
     assert f"sbatch {script}" in stdout
+
+
+def test_run_folders_inside_the_repository_are_named_relative_to_it(tmp_path):
+    assert experiments.repository_relative(os.path.join(REPO, "runs")) == "runs"
+    assert experiments.repository_relative(str(tmp_path / "runs")) == str(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("grid, workers, cpus", [
+    (["--filter", "aflw"], ["--workers", "4"], 4 * 3 + 1),        # L2I draws labeled, unlabeled and meta batches
+    (["--filter", "cifar10MT@"], ["--workers=4"], 4 * 2 + 1),    # MT: labeled and unlabeled
+    (["--filter", "SL@"], ["--workers", "2"], 2 * 1 + 1),         # SL: labeled only
+    (["--filter", "aflw"], ["--workers", "0"], 1),                # loading in the training process
+    (["--filter", "aflw"], [], experiments.DEFAULT_CPUS),
+])
+def test_slurm_cpus_follow_the_passed_workers(tmp_path, grid, workers, cpus):
+    script, _ = write_slurm_script(tmp_path, ["--root", str(tmp_path / "runs"), *grid, *workers])
+    text = script.read_text()
+    assert re.findall(r"^#SBATCH --cpus-per-task=(.*)$", text, re.M) == [str(cpus)]
+    if workers:
+        assert f"+ 1 = {cpus} CPUs." in text
+
+
+def test_loaders_per_method_are_the_scripts_streams():
+    for method, loaders in experiments.TRAINING_LOADERS.items():
+        with open(os.path.join(REPO, f"train-{method}.py")) as f:
+            streams = re.search(r"streams=\(([^)]*)\)", f.read()).group(1)
+        assert len(re.findall(r'"\w+"', streams)) == loaders, method
 
 
 def test_slurm_script_in_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
@@ -150,19 +214,47 @@ def test_slurm_script_in_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def environment_python(tmp_path):
+    """A folder whose ``python`` is this interpreter, as an activated environment puts one first on PATH."""
+    folder = tmp_path / "env-bin"
+    folder.mkdir()
+    (folder / "python").symlink_to(sys.executable)
+    return folder
+
+
+def run_task(script, task, submit_dir, path, cwd):
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(task), SLURM_SUBMIT_DIR=str(submit_dir), PATH=path)
+    return subprocess.run([shutil.which("bash"), str(script)], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
 @pytest.mark.parametrize("end", ["first", "last"])  # the index is 1-based: both ends of the array
 def test_slurm_array_task_i_starts_the_ith_printed_command(tmp_path, end):
     options = grid_options(tmp_path)
     script, _ = write_slurm_script(tmp_path, options)
     printed = printed_commands(*options)
     i = 1 if end == "first" else len(printed)
-    done = subprocess.run(["bash", str(script)], env=dict(os.environ, SLURM_ARRAY_TASK_ID=str(i)),
-                          capture_output=True, text=True, timeout=120)
+    python = environment_python(tmp_path)
+    done = run_task(script, i, REPO, f"{python}{os.pathsep}{os.environ['PATH']}", cwd=tmp_path)
     started = [shlex.split(line.split(": ", 1)[1]) for line in done.stdout.splitlines()
                if line.startswith("starting: ")]
-    assert len(started) == 1, done.stdout
+    assert len(started) == 1, done.stdout + done.stderr
     command, want = started[0], printed[i - 1]
-    # The printed line names `python` and the script; the task runs them by full path.
-    assert command[0] == sys.executable and command[1] == os.path.join(REPO, want[1])
+    # The printed line names `python` and the script; the task runs the environment's python, the script by
+    # its full path in the repository it was submitted from.
+    assert command[0] == str(python / "python") and command[1] == os.path.join(REPO, want[1])
     assert command[2:] == want[2:]
     assert f"failed (exit status 2): {option(want, '--out')}" in done.stderr and done.returncode == 1
+
+
+def test_slurm_task_outside_the_repository_or_without_python_stops_with_one_line(tmp_path):
+    script, _ = write_slurm_script(tmp_path, grid_options(tmp_path))
+    elsewhere = run_task(script, 1, tmp_path, os.environ["PATH"], cwd=tmp_path)
+    assert elsewhere.returncode == 2 and elsewhere.stdout == ""
+    assert elsewhere.stderr == (f"error: {tmp_path} is not the repository folder (no train-MT.py): submit "
+                                f"grid.sbatch from there\n")
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    no_python = run_task(script, 1, REPO, str(empty), cwd=tmp_path)
+    assert no_python.returncode == 2 and no_python.stderr == (
+        "error: no python on PATH: activate the repository's environment, then submit grid.sbatch again\n")

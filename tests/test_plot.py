@@ -1,42 +1,22 @@
 """utils.plot (learning curves) and utils.diagram.
 
-The run folders here are written directly (args.json and a log.txt from the training code's own writer)
-so that each test can choose the curves it needs: identical runs, values that would make matplotlib put
-an offset above the axis, two datasets.
+The run folders here are written directly (tests/runfolders.py: args.json, a log.txt from the training
+code's own writer, status.json) so that each test can choose the curves it needs: identical runs, values
+that would make matplotlib put an offset above the axis, two datasets, runs that ended in every way,
+diverged runs.
 """
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.runfolders import age_files, make_run
 from utils import plot
-from utils.logger import write_log
 from utils.results import load_run
-from utils.evaluation import PROTOCOLS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def make_run(folder, dataset="cifar10", seed=0, epochs=3, val_iteration=2, test=None, loss=None, finished=True):
-    """A run folder of ``epochs`` logged epochs: the test metric ``test[e]`` (default rising), every loss
-    ``loss[e]`` (default falling), validation equal to test; a finished one has its summary.json."""
-    task = PROTOCOLS[dataset]
-    test = test or [10.0 + e for e in range(epochs)]
-    loss = loss or [2.0 / (e + 1) for e in range(epochs)]
-    os.makedirs(folder)
-    with open(os.path.join(folder, "args.json"), "w") as f:
-        json.dump({"method": "MT", "dataset": dataset, "n_labeled": 250 if dataset == "cifar10" else 0.01,
-                   "manualSeed": seed, "epochs": epochs, "val_iteration": val_iteration}, f)
-    test_key, val_key = f"test_{task.metric}", f"val_{task.metric}"
-    rows = [{name: {test_key: t, val_key: t}.get(key, l) for name, key in task.columns} for t, l in zip(test, loss)]
-    write_log(str(folder), [name for name, _ in task.columns], rows)
-    if finished:
-        with open(os.path.join(folder, "summary.json"), "w") as f:
-            json.dump(load_run(str(folder))[0].values, f)
-    return str(folder)
 
 
 def visible_axes(fig):
@@ -90,16 +70,22 @@ def test_coinciding_runs_differ_in_line_style_and_marker(tmp_path):
     assert legend_styles == [(line.get_linestyle(), line.get_marker()) for line in curves(visible_axes(fig)[0])]
 
 
-def test_default_output_is_curves_png_here_from_every_run_under_runs(tmp_path, monkeypatch, capsys):
+def legend_texts(fig):
+    return [text.get_text() for text in fig.legends[0].get_texts()]
+
+
+def test_default_output_is_curves_png_here_from_every_run_under_runs_and_here(tmp_path, monkeypatch, capsys):
     make_run(tmp_path / "runs" / "mt-s0")
     make_run(tmp_path / "runs" / "mt-s1", seed=1)
     os.makedirs(tmp_path / "runs" / "slurm")  # the Slurm logs' folder is not a run
+    make_run(tmp_path / "cifar10MT@250", seed=2)  # a training script's default --out: here
+    os.makedirs(tmp_path / "data")  # nor is a data folder
     monkeypatch.chdir(tmp_path)
     assert plot.main([]) == 0
     out, err = capsys.readouterr()
-    assert out == "wrote curves.png: 2 runs\n" and err == ""
+    assert out == "wrote curves.png: 3 runs\n" and err == ""
     assert_png(tmp_path / "curves.png")
-    assert sorted(os.listdir(tmp_path)) == ["curves.png", "runs"]
+    assert sorted(os.listdir(tmp_path)) == ["cifar10MT@250", "curves.png", "data", "runs"]
 
 
 def test_plot_draws_finished_and_in_progress_runs(tmp_path, capsys):
@@ -108,16 +94,76 @@ def test_plot_draws_finished_and_in_progress_runs(tmp_path, capsys):
     assert plot.main([finished, in_progress, "-o", str(out)]) == 0
     assert "2 runs" in capsys.readouterr().out
     assert_png(out)
-    labels = [text.get_text() for text in plot.figure([load_run(finished)[0], load_run(in_progress)[0]])
-              .legends[0].get_texts()]
-    assert labels == ["finished", "in-progress (in progress 3/3 epochs)"]
+    assert legend_texts(plot.figure([load_run(finished)[0], load_run(in_progress)[0]])) == [
+        "finished", "in-progress — in progress 3/3 epochs"]
+    assert plot.main([finished, "-o", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}: 1 run\n"
 
 
-@pytest.mark.parametrize("argv", [[], ["missing-run"]])
-def test_plot_with_no_readable_run_is_an_error(tmp_path, monkeypatch, capsys, argv):
+def test_legend_says_how_each_run_ended(tmp_path):
+    folders = [make_run(tmp_path / "done", status="finished"),
+               make_run(tmp_path / "ctrl-c", epochs=5, logged=2, finished=False,
+                        status={"state": "interrupted", "detail": "Ctrl-C in epoch 3"}),
+               make_run(tmp_path / "killed", logged=2, finished=False, status="running"),
+               make_run(tmp_path / "new", epochs=1, logged=0, finished=False, status="running"),
+               make_run(tmp_path / "old", logged=2, finished=False)]  # no status.json: an older run
+    age_files(tmp_path / "killed", 2 * 3600)
+    age_files(tmp_path / "new", 3 * 86400)
+    fig = plot.figure([load_run(folder)[0] for folder in folders])
+    assert legend_texts(fig) == [
+        "done",
+        "ctrl-c — interrupted after 2/5 epochs",
+        "killed — running or killed, 2/3 epochs (last written 2 h ago)",
+        "new — running or killed, 0/1 epoch (last written 3 days ago); no epoch to draw yet",
+        "old — in progress 2/3 epochs"]
+    for ax in visible_axes(fig):  # every run with a logged epoch has its curve; "new" has none
+        assert sorted(len(line.get_xdata()) for line in curves(ax)) == [2, 2, 2, 3], ax.get_title()
+
+
+def test_a_diverged_run_is_drawn_up_to_the_epoch_before_and_named(tmp_path):
+    folders = [make_run(tmp_path / "fine", epochs=4),
+               make_run(tmp_path / "blown", epochs=4, loss=[2.0, 1.0, 3.5e19, 1e13], status="finished"),
+               make_run(tmp_path / "old-inf", epochs=4, logged=3, loss=[2.0, float("inf"), float("nan")],
+                        finished=False),
+               make_run(tmp_path / "stopped", epochs=4, logged=2, finished=False,
+                        status={"state": "stopped", "detail": "the training loss became inf in epoch 3, iteration 2"}),
+               make_run(tmp_path / "rising", epochs=4, loss=[1.0, 10.0, 1e3, 1e5])]  # below 1e6 × epoch 1: kept
+    fig = plot.figure([load_run(folder)[0] for folder in folders])
+    fig.canvas.draw()
+    assert legend_texts(fig) == [
+        "fine",
+        "blown — diverged in epoch 3, drawn up to epoch 2 (×)",
+        "old-inf — in progress 3/4 epochs; diverged in epoch 2, drawn up to epoch 1 (×)",
+        "stopped — stopped: the training loss became inf in epoch 3, iteration 2; diverged in epoch 3, drawn up "
+        "to epoch 2 (×)",
+        "rising"]
+    test_panel, *loss_panels = visible_axes(fig)
+    assert test_panel.get_ylim()[1] < 20  # accuracies 10 … 13
+    for ax in loss_panels:
+        assert ax.get_yscale() == "log" and ax.get_ylim()[1] < 1e6, ax.get_title()  # "rising" reaches 1e5
+        assert sorted(len(line.get_xdata()) for line in curves(ax)) == [2, 2, 4, 4], ax.get_title()
+    for ax in visible_axes(fig):  # a cross where each diverged run's curve ends
+        crosses = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.get_lines() if line.get_marker() == "x"]
+        assert [x for x, _ in crosses] == [2 * 2, 1 * 2, 2 * 2], ax.get_title()
+
+
+def test_a_linear_axis_is_not_stretched_by_a_diverged_run(tmp_path):
+    runs = [load_run(make_run(tmp_path / "fine"))[0],
+            load_run(make_run(tmp_path / "blown", loss=[0.0, 0.0, 1e13], status="finished"))[0]]  # zeros: linear
+    fig = plot.figure(runs)
+    fig.canvas.draw()
+    for ax in visible_axes(fig)[1:]:
+        assert ax.get_yscale() == "linear" and ax.get_ylim()[1] < 3, ax.get_title()
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "error: no run folder found directly under runs/ and in the current folder ({here}); name run folders "
+         "or glob patterns"),
+    (["missing-run"], "error: no run folder could be read")])
+def test_plot_with_no_readable_run_is_an_error(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     assert plot.main(argv) == 1
-    assert capsys.readouterr().err.splitlines()[-1].startswith("error: no run folder could be read")
+    assert capsys.readouterr().err.splitlines()[-1] == message.format(here=tmp_path)
     assert os.listdir(tmp_path) == []
 
 

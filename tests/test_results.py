@@ -2,7 +2,8 @@
 
 The run folders come from short real runs of the training scripts on a tiny CIFAR-10, plus copies made
 to look interrupted, damaged, or run with other options; every number the tables show is checked against
-log.txt parsed here.
+log.txt parsed here. How runs ended (status.json), divergence and repeated seeds are checked on folders
+written directly (tests/runfolders.py).
 """
 import csv
 import json
@@ -12,10 +13,12 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 
 from dataset.synthetic import make_cifar10
+from tests.runfolders import age_files, make_run
 from utils import results
 from utils.logger import write_log
 
@@ -44,21 +47,22 @@ def runs(tmp_path_factory):
         output = job.communicate()[0]
         assert job.returncode == 0, f"{name} failed:\n{output}"
     folders = {name: str(root / name) for name in real}
-    folders["mt-interrupted"] = copy_run(folders["mt-s0"], root / "mt-interrupted")
+    folders["mt-interrupted"] = copy_run(folders["mt-s0"], root / "mt-interrupted", older=True)
     os.remove(os.path.join(folders["mt-interrupted"], "summary.json"))
     with open(os.path.join(folders["mt-interrupted"], "log.txt")) as f:
         lines = f.readlines()
     with open(os.path.join(folders["mt-interrupted"], "log.txt"), "w") as f:
         f.writelines(lines[:-1])  # as if stopped before the last epoch finished
-    folders["sl-damaged"] = copy_run(folders["sl-s0"], root / "sl-damaged")
+    folders["sl-damaged"] = copy_run(folders["sl-s0"], root / "sl-damaged", older=True)
     with open(os.path.join(folders["sl-damaged"], "summary.json"), "w") as f:
         f.write('{"method": "SL", "finis')
     return folders
 
 
-def copy_run(source, target):
-    """A run folder without its (large, unread) checkpoints."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.pth.tar"))
+def copy_run(source, target, older=False):
+    """A run folder without its (large, unread) checkpoints; ``older``: also without status.json, as
+    written before the scripts kept one (its status is then inferred from summary.json and log.txt)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.pth.tar", *(["status.json"] if older else [])))
     return str(target)
 
 
@@ -160,13 +164,13 @@ def test_grouped_table_is_mean_and_std_over_seeds(runs, capsys):
     groups = {row["method"]: row for row in tables(out)["Over seeds (mean ± sample std)"]}
     assert list(groups) == ["SL", "MT"]  # the paper's method order
     mt = [expected(runs["mt-s0"]), expected(runs["mt-s1"])]
-    assert (groups["MT"]["runs"], groups["MT"]["seeds"]) == ("2", "0, 1")
+    assert (groups["MT"]["n"], groups["MT"]["seeds"]) == ("2", "0, 1")
     for column, key in (("test @ best val", "test_at_best_val"), ("median last 20", "median_last20_test"),
                         ("mean last 20", "mean_last20_test")):
         values = [m[key] for m in mt]
         assert groups["MT"][column] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
         assert groups["SL"][column] == f"{expected(runs['sl-s0'])[key]:.2f}"
-    assert groups["SL"]["runs"] == "1"
+    assert groups["SL"]["n"] == "1"
 
 
 def test_runs_are_averaged_only_when_every_option_that_changes_the_experiment_agrees(runs, capsys, tmp_path):
@@ -191,27 +195,42 @@ def test_runs_are_averaged_only_when_every_option_that_changes_the_experiment_ag
     assert rows[2]["test @ best val"] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def test_runs_with_the_same_seed_in_one_group_are_named_on_stderr(runs, capsys, tmp_path):
+def test_runs_with_the_same_seed_in_one_group_count_once(runs, capsys, tmp_path):
     other_setting = variant(runs["mt-s0"], tmp_path / "other-setting", lambda_u=1.0)  # seed 0 too, another group
-    status, _, err = run_results([runs["mt-s0"], runs["mt-s1"], runs["mt-interrupted"], other_setting], capsys)
+    status, out, err = run_results([runs["mt-interrupted"], runs["mt-s0"], runs["mt-s1"], other_setting], capsys)
     assert status == 0
     assert err.splitlines() == [
-        f"warning: MT on cifar10 with 20 labels (lambda_u=50.0): 2 runs share seed 0 ({runs['mt-s0']}, "
-        f"{runs['mt-interrupted']}); they are averaged as if they were different seeds"]
+        f"warning: MT on cifar10 with 20 labels (lambda_u=50.0): 2 runs share seed 0 ({runs['mt-interrupted']}, "
+        f"{runs['mt-s0']}); the seed counts once, with {runs['mt-s0']} (the finished one)"]
+    group = tables(out)["Over seeds (mean ± sample std)"][1]
+    assert (group["setting"], group["n"], group["seeds"]) == ("lambda_u=50.0", "2", "0, 1")
+    values = [expected(runs[name])["test_at_best_val"] for name in ("mt-s0", "mt-s1")]  # not mt-interrupted's
+    assert group["test @ best val"] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    assert len(tables(out)["Runs"]) == 4  # every run is still listed
 
 
-def test_without_arguments_every_run_folder_under_runs_is_read(runs, capsys, tmp_path, monkeypatch):
+def test_without_arguments_every_run_folder_under_runs_and_here_is_read(runs, capsys, tmp_path, monkeypatch):
     copy_run(runs["mt-s0"], tmp_path / "runs" / "cifar10MT@20-s0")
     copy_run(runs["sl-s0"], tmp_path / "runs" / "cifar10SL@20-s0")
     os.makedirs(tmp_path / "runs" / "slurm")  # the Slurm logs' folder, not a run: passed over silently
     (tmp_path / "runs" / "notes.txt").write_text("not a folder")
+    copy_run(runs["mt-s1"], tmp_path / "cifar10MT@20")  # a training script's default --out, in the current folder
+    os.makedirs(tmp_path / "data" / "cifar-10-batches-py")  # not a run either
     monkeypatch.chdir(tmp_path)
     status, out, err = run_results([], capsys)
     assert status == 0 and err == ""
-    assert sorted(row["run"] for row in tables(out)["Runs"]) == ["cifar10MT@20-s0", "cifar10SL@20-s0"]
-    monkeypatch.chdir(tmp_path / "runs")  # no runs/ here
-    assert run_results([], capsys) == (1, "", "error: no run folder could be read under runs/; name run folders "
-                                              "or glob patterns\n")
+    assert sorted(row["run"] for row in tables(out)["Runs"]) == ["cifar10MT@20", "cifar10MT@20-s0", "cifar10SL@20-s0"]
+    monkeypatch.chdir(tmp_path / "runs" / "slurm")  # no runs/ and no run folder here
+    assert run_results([], capsys) == (1, "", f"error: no run folder found directly under runs/ and in the current "
+                                              f"folder ({tmp_path / 'runs' / 'slurm'}); name run folders or glob "
+                                              f"patterns\n")
+    monkeypatch.chdir(tmp_path / "runs")
+    (tmp_path / "runs" / "cifar10MT@20-s0" / "args.json").write_text("{")
+    (tmp_path / "runs" / "cifar10SL@20-s0" / "log.txt").write_text("")
+    status, out, err = run_results([], capsys)
+    assert status == 1 and out == "" and len(err.splitlines()) == 3
+    assert err.splitlines()[-1] == (f"error: none of the 2 run folders found directly under runs/ and in the current "
+                                    f"folder ({tmp_path / 'runs'}) could be read; name run folders or glob patterns")
 
 
 def test_damaged_folders_are_named_and_skipped(runs, capsys, tmp_path):
@@ -262,8 +281,138 @@ def test_last_twenty_epochs_and_first_best_epoch(runs, tmp_path):
     columns = ["Train Loss", "Train Loss X", "Train Loss U", "Valid Loss", "Valid Acc.", "Test Loss", "Test Acc."]
     write_log(folder, columns, [dict({c: 1.0 for c in columns}, **{"Valid Acc.": v, "Test Acc.": t})
                                 for v, t in zip(val, test)])
+    if os.path.exists(os.path.join(folder, "status.json")):
+        os.remove(os.path.join(folder, "status.json"))  # as in a folder older than status.json
     run, _ = results.load_run(folder)
     assert run.values["best_epoch"] == 7 and run.values["test_at_best_val"] == 6.0
     assert run.values["median_last20_test"] == statistics.median(range(5, 25))
     assert run.values["mean_last20_test"] == statistics.mean(range(5, 25))
     assert run.status == "in progress 25/30 epochs"
+
+
+# ----------------------------------------------------------------------------- how runs ended, divergence, seeds
+
+def run_rows(out):
+    return {row["run"]: row for row in tables(out)["Runs"]}
+
+
+def test_status_json_says_how_each_run_ended(tmp_path, capsys):
+    folders = [make_run(tmp_path / "done", status="finished"),
+               make_run(tmp_path / "ctrl-c", logged=2, finished=False, seed=5,
+                        status={"state": "interrupted", "detail": "Ctrl-C in epoch 3"}),
+               make_run(tmp_path / "nan", logged=2, finished=False, seed=1,
+                        status={"state": "stopped", "detail": "the training loss became nan in epoch 3, iteration 1"}),
+               make_run(tmp_path / "killed", logged=2, finished=False, seed=2, status="running"),
+               make_run(tmp_path / "new", logged=0, finished=False, seed=3, status="running"),
+               make_run(tmp_path / "old", logged=2, finished=False, seed=4)]  # no status.json: an older run
+    age_files(tmp_path / "killed", 2 * 3600)
+    age_files(tmp_path / "new", 3 * 86400)
+    status, out, err = run_results(folders, capsys)
+    assert status == 0 and err == ""
+    rows = run_rows(out)
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "done": "finished",
+        "ctrl-c": "interrupted after 2/3 epochs",
+        "nan": "stopped: the training loss became nan in epoch 3, iteration 1; diverged in epoch 3",
+        "killed": "running or killed, 2/3 epochs (last written 2 h ago)",
+        "new": "running or killed, 0/3 epochs (last written 3 days ago)",
+        "old": "in progress 2/3 epochs"}
+    for name in ("ctrl-c", "killed", "old"):  # values so far, as for a finished run
+        assert rows[name]["test @ best val (epoch)"] == "11.00 (2)" and rows[name]["median last 20"] == "10.50"
+    assert [rows["new"][c] for c in ("test @ best val (epoch)", "median last 20", "mean last 20")] == ["", "", ""]
+    assert {name: row["wall time"] for name, row in rows.items() if name != "done"} == {
+        "ctrl-c": "not finished", "nan": "not finished", "killed": "in progress", "new": "in progress",
+        "old": "in progress"}
+    group = tables(out)["Over seeds (mean ± sample std)"][0]
+    assert (group["n"], group["seeds"]) == ("4 (3 unfinished)",
+                                            "0, 2, 4, 5; not averaged: 1 (diverged), 3 (no epoch yet)")
+
+
+def test_a_run_that_never_finished_an_epoch_is_listed(tmp_path, capsys):
+    folder = make_run(tmp_path / "first-epoch", epochs=2, logged=0, finished=False)  # header only, no status.json
+    status, out, err = run_results([folder], capsys)
+    assert status == 0 and err == ""
+    row = run_rows(out)["first-epoch"]
+    assert (row["status"], row["median last 20"]) == ("in progress 0/2 epochs", "")
+    group = tables(out)["Over seeds (mean ± sample std)"][0]
+    assert (group["n"], group["seeds"], group["median last 20"]) == ("0", "not averaged: 0 (no epoch yet)", "")
+
+
+def test_diverged_runs_say_so_instead_of_their_values(tmp_path, capsys):
+    fine = [make_run(tmp_path / f"fine-s{seed}", seed=seed, epochs=4, test=[50.0 + seed, 60.0, 70.0 + seed, 80.0])
+            for seed in (0, 1)]
+    blown = make_run(tmp_path / "blown", seed=2, epochs=4, loss=[2.0, 1.0, 3.5e19, 2e13], test=[50, 60, 10, 10],
+                     status="finished")
+    old_inf = make_run(tmp_path / "old-inf", seed=3, epochs=4, logged=2, loss=[2.0, float("inf")], finished=False)
+    stopped = make_run(tmp_path / "stopped", seed=4, epochs=4, logged=2, finished=False,
+                       status={"state": "stopped", "detail": "the training loss became inf in epoch 3, iteration 2"})
+    rising = make_run(tmp_path / "rising", seed=5, epochs=4, loss=[0.5, 10.0, 1e3, 4.9e5])  # below 1e6 × 1: kept
+    status, out, err = run_results([*fine, blown, old_inf, stopped, rising], capsys)
+    assert status == 0 and err == ""
+    rows = run_rows(out)
+    for name, epoch in (("blown", 3), ("old-inf", 2), ("stopped", 3)):
+        assert rows[name]["status"].endswith(f"; diverged in epoch {epoch}"), rows[name]
+        assert [rows[name][c] for c in ("test @ best val (epoch)", "median last 20", "mean last 20")] == \
+            ["diverged"] * 3
+    assert rows["blown"]["status"] == "finished; diverged in epoch 3"
+    assert rows["rising"]["status"] == "finished" and rows["rising"]["median last 20"] == "11.50"
+    group = tables(out)["Over seeds (mean ± sample std)"][0]
+    assert group["n"] == "3"
+    assert group["seeds"] == "0, 1, 5; not averaged: 2 (diverged), 3 (diverged), 4 (diverged)"
+    medians = [statistics.median([50.0 + seed, 60.0, 70.0 + seed, 80.0]) for seed in (0, 1)] + [11.5]
+    assert group["median last 20"] == f"{statistics.mean(medians):.2f} ± {statistics.stdev(medians):.2f}"
+    assert "above 1e6 × its first epoch's Train Loss (or × 1 if that is smaller)" in out
+
+    status, out, _ = run_results([blown, stopped], capsys)  # only diverged runs
+    group = tables(out)["Over seeds (mean ± sample std)"][0]
+    assert (group["n"], group["test @ best val"], group["median last 20"]) == ("0", "diverged", "diverged")
+
+
+def test_csv_flags_diverged_runs_and_keeps_their_values(tmp_path, capsys):
+    blown = make_run(tmp_path / "blown", epochs=3, loss=[2.0, 3.5e19, 1.0], status="finished")
+    path = tmp_path / "runs.csv"
+    run_results([blown, make_run(tmp_path / "new", logged=0, finished=False, status="running"), "--csv", str(path)],
+                capsys)
+    with open(path, newline="") as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    blown, new = rows["blown"], rows["new"]
+    assert (blown["diverged"], blown["diverged_epoch"], blown["state"]) == ("true", "2", "finished")
+    assert float(blown["median_last20_test"]) == 11.0
+    assert (new["state"], new["diverged"], new["epochs_done"], new["median_last20_test"]) == \
+        ("running", "false", "0", "")
+
+
+def test_a_seed_run_twice_counts_once_with_the_finished_run_or_the_longest(tmp_path, capsys):
+    longer = make_run(tmp_path / "a-longer", seed=0, epochs=5, logged=3, finished=False, test=[10.0, 20.0, 30.0])
+    shorter = make_run(tmp_path / "b-shorter", seed=0, epochs=5, logged=2, finished=False, test=[90.0, 90.0])
+    other = make_run(tmp_path / "c-other", seed=1, epochs=5, logged=1, finished=False, test=[40.0])
+    status, out, err = run_results([shorter, longer, other], capsys)
+    assert err.splitlines() == [f"warning: MT on cifar10 with 250 labels: 2 runs share seed 0 ({shorter}, {longer}); "
+                                f"the seed counts once, with {longer} (the one with the most epochs, 3)"]
+    group = tables(out)["Over seeds (mean ± sample std)"][0]
+    assert (group["n"], group["seeds"]) == ("2 (2 unfinished)", "0, 1")
+    assert group["median last 20"] == f"{statistics.mean([20.0, 40.0]):.2f} ± {statistics.stdev([20.0, 40.0]):.2f}"
+    twin = make_run(tmp_path / "a-twin", seed=0, epochs=5, logged=3, finished=False)
+    status, out, err = run_results([longer, twin], capsys)
+    assert err.endswith(f"the seed counts once, with {longer} (the first by path of equally far runs)\n")
+    assert tables(out)["Over seeds (mean ± sample std)"][0]["n"] == "1 (1 unfinished)"
+    blown = make_run(tmp_path / "a-blown", seed=0, epochs=5, logged=3, finished=False, loss=[1.0, 1.0, 2e6])
+    status, out, err = run_results([blown, longer], capsys)
+    assert err.endswith(f"the seed counts once, with {longer} (the one that did not diverge)\n")
+    assert tables(out)["Over seeds (mean ± sample std)"][0]["seeds"] == "0"
+
+
+@pytest.mark.parametrize("module", ["utils.results", "utils.plot"])
+def test_help_answers_fast_without_torch_or_matplotlib(module):
+    code = (f"import sys, {module} as tool\ntry:\n    tool.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(name for name in ('torch', 'matplotlib') if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "RUN_DIR" in done.stdout and done.stdout.splitlines()[-1] == "[]", done.stderr
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, check=True, capture_output=True, timeout=60)
+    assert time.perf_counter() - start < 5
+
+
+def test_plural_and_age():
+    assert [results.plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert [results.age(s) for s in (5, 600, 7200, 86400, 3 * 86400)] == ["5 s", "10 min", "2 h", "24 h", "3 days"]

@@ -657,7 +657,7 @@ def test_benchmark_records_its_speed_flags(tmp_path, global_rng_restored):
         utils.benchmark.main(["--methods", "SL", "MT", "--tasks", "aflw", "--iters", "1", "--warmup", "0",
                               "--threads", "1", "--channels-last", "--json", str(out)])
     assert_benchmark_rows(json.loads(out.read_text()), flags=["channels-last"])
-    assert "1 timed iterations" in printed.getvalue()
+    assert "1 thread, " in printed.getvalue() and "1 timed iteration after 0 warm-up rounds" in printed.getvalue()
     # The table follows a redirection of sys.stdout made after import (redirect_stdout, pytest's capture,
     # a notebook), like the line above it: print_table looks sys.stdout up when it prints.
     assert "| MT | aflw | channels-last |" in printed.getvalue(), "the table bypassed the redirected sys.stdout"

@@ -180,8 +180,10 @@ def main(argv=None):
         warn_if_slow_bf16(device)
     torch.manual_seed(0)
     rows = benchmark(opts)
-    print(f"device {opts.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{opts.iters} timed iterations after {opts.warmup} warm-up rounds")
+    threads = torch.get_num_threads()
+    print(f"device {opts.device}, {threads} thread{'' if threads == 1 else 's'}, torch {torch.__version__}, "
+          f"{opts.iters} timed iteration{'' if opts.iters == 1 else 's'} after {opts.warmup} "
+          f"warm-up round{'' if opts.warmup == 1 else 's'}")
     print_table(rows)
     if opts.json:
         with open(opts.json, "w") as f:

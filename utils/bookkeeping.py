@@ -542,7 +542,8 @@ def earlier_record(folder):
 
 def print_summary(s):
     m = {"acc": "accuracy (%)", "me": "mean error (fraction of the inter-ocular distance)"}[s["metric"]]
+    last = "epoch" if s["epochs"] == 1 else f"{min(20, s['epochs'])} epochs"
     print(f"Test {m}:\n"
           f"  at the best-validation epoch ({s['best_epoch']}, valid {s['best_val']:.4f}): {s['test_at_best_val']:.4f}\n"
-          f"  median of the last {min(20, s['epochs'])} epochs: {s['median_last20_test']:.4f}\n"
-          f"  mean of the last {min(20, s['epochs'])} epochs:   {s['mean_last20_test']:.4f}")
+          f"  median of the last {last}: {s['median_last20_test']:.4f}\n"
+          f"  mean of the last {last}:   {s['mean_last20_test']:.4f}")

@@ -1,13 +1,15 @@
 """Tables over run folders: one row per run, then mean ± std over seeds.
 
-    python -m utils.results                       # every run folder directly under runs/
+    python -m utils.results                       # every run folder directly under runs/ and in the current folder
     python -m utils.results runs/cifar10MT@250-s* runs/cifar10L2IO@250-s* [--csv results.csv]
 
 Every protocol value (docs/evaluation.md §3) is computed from ``log.txt`` with the training scripts' own
-``summarize`` (utils/evaluation.py), so a run still in progress is shown like a finished one; where ``summary.json`` exists
-it must agree, and a disagreement is reported. Folders that cannot be read are named on stderr and
-skipped. Runs are averaged only when every option that changes the experiment is the same
-(``NOT_SETTINGS`` lists the ones that do not).
+``summarize`` (utils/evaluation.py), so a run that has not finished is shown like a finished one, with its
+values so far; where ``summary.json`` exists it must agree, and a disagreement is reported. How each run
+ended comes from ``status.json`` (``run_state``). A run that diverged (``diverged_at``) shows "diverged"
+instead of its values and is left out of the mean ± std. Two runs of one setting with the same seed count
+once. Folders that cannot be read are named on stderr and skipped. Runs are averaged only when every
+option that changes the experiment is the same (``NOT_SETTINGS`` lists the ones that do not).
 """
 import argparse
 import csv
@@ -15,17 +17,19 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
 from utils.evaluation import PROTOCOLS, summarize
-from utils.folder import ARGS, CHECKPOINT, LOG, SUMMARY
+from utils.folder import ARGS, CHECKPOINT, LOG, RUN_FILES, STATUS, SUMMARY
 
-RUN_MARKERS = (ARGS, LOG, SUMMARY, CHECKPOINT)  # any of them marks a folder as a run folder
+RUN_MARKERS = tuple(dict.fromkeys(RUN_FILES + (CHECKPOINT,)))  # any of them marks a folder as a run folder
 DEFAULT_ROOT = "runs"  # where utils.experiments puts the grid's run folders
 METHODS = ("SL", "PL", "MT", "MM", "L2I-O", "L2I-L")  # table order
 REQUIRED_ARGS = ("method", "dataset", "n_labeled", "manualSeed", "epochs", "val_iteration")
@@ -40,6 +44,22 @@ CHECKED = ("method", "dataset", "n_labeled", "seed", "epochs", "best_epoch", "be
 NOT_SETTINGS = ("manualSeed", "out", "gpu", "workers", "no_progress", "resume", "versions", "git_commit", "command",
                 "resumes", "started")
 METRIC_NAMES = {"acc": "test accuracy (%)", "me": "test mean error (fraction of the inter-ocular distance)"}
+STATES = ("running", "finished", "interrupted", "stopped")  # status.json's "state"
+# Divergence (``diverged_at``): a training loss in log.txt that is NaN or infinite, or larger than
+# DIVERGED_FACTOR × the run's first-epoch "Train Loss" (× 1 when that is below 1), or a run that
+# status.json says was stopped by a non-finite loss. The tasks' losses (cross-entropy, squared errors of
+# probabilities or of normalised coordinates, weighted by λ_u ≤ 100) stay far below that bound.
+DIVERGED_FACTOR = 1e6
+DIVERGED_RULE = ("a training loss in its log.txt is NaN, infinite or above "
+                 + f"{DIVERGED_FACTOR:.0e}".replace("e+0", "e")
+                 + " × its first epoch's Train Loss (or × 1 if that is smaller), or it was stopped by a non-finite loss")
+TRAIN_LOSS_COLUMNS = ("Train Loss", "Train Loss X", "Train Loss U")
+NON_FINITE = re.compile(r"\b(nan|inf|infinite|infinity|non-finite|not finite)\b", re.I)
+
+
+def plural(count, word, words=None):
+    """``1 epoch``, ``2 epochs``: the count with its noun in the right number."""
+    return f"{count} {word if count == 1 else words or word + 's'}"
 
 
 class RunFolderError(Exception):
@@ -51,35 +71,125 @@ class RunRecord:
     path: str
     args: dict
     protocol: object           # the task's reporting protocol (utils.evaluation)
-    rows: list                 # log.txt rows as {column name: value}
-    values: dict               # summarize() over the log rows
+    columns: list              # log.txt's column names
+    rows: list                 # log.txt rows as {column name: value}; empty before the first epoch ends
+    values: dict               # summarize() over the log rows; empty without rows
     summary: Optional[dict]    # summary.json when present and readable
-    note: str = ""             # short remark on summary.json for the status column
+    status_record: Optional[dict] = None   # status.json when present and readable
+    last_written: Optional[float] = None   # the newest modification time of the folder's files
+    note: str = ""             # short remark on summary.json or status.json for the status column
 
     @property
     def name(self):
         return os.path.basename(os.path.normpath(self.path))
 
     @property
+    def method(self):
+        return self.args["method"]
+
+    @property
+    def dataset(self):
+        return self.args["dataset"]
+
+    @property
+    def n_labeled(self):
+        return self.args["n_labeled"]
+
+    @property
+    def seed(self):
+        return self.args["manualSeed"]
+
+    @property
+    def has_values(self):
+        return bool(self.rows)
+
+    @property
+    def state(self):
+        """status.json's state; without it (older runs) "finished" when summary.json is there, else None."""
+        if self.status_record is not None:
+            return self.status_record["state"]
+        return "finished" if self.summary is not None else None
+
+    @property
     def finished(self):
-        return self.summary is not None
+        return self.state == "finished"
+
+    @property
+    def epochs(self):
+        recorded = (self.status_record or {}).get("epochs")
+        return recorded if isinstance(recorded, int) else self.args["epochs"]
+
+    def epochs_done(self):
+        """Epochs done: status.json's count for an attempt that ended, the log's rows otherwise (a running
+        attempt wrote its status when it started)."""
+        recorded = (self.status_record or {}).get("epochs_done")
+        if self.state in ("interrupted", "stopped") and isinstance(recorded, int):
+            return recorded
+        return len(self.rows)
 
     @property
     def status(self):
-        if self.finished:
+        """How the run ended (README "Comparing runs"), with any remark on its files."""
+        done = f"{self.epochs_done()}/{plural(self.epochs, 'epoch')}"
+        state, detail = self.state, (self.status_record or {}).get("detail") or ""
+        if state == "finished":
             return f"finished ({self.note})" if self.note else "finished"
-        done = f"{len(self.rows)}/{self.args['epochs']} epochs"
-        return f"{done}, {self.note}" if self.note else f"in progress {done}"
+        if state == "interrupted":
+            text = f"interrupted after {done}"
+        elif state == "stopped":
+            text = f"stopped: {detail}" if detail else f"stopped after {done}"
+        elif state == "running":
+            text = f"running or killed, {done}"
+            if self.last_written is not None:
+                text += f" (last written {age(time.time() - self.last_written)} ago)"
+        else:
+            return f"{done}, {self.note}" if self.note else f"in progress {done}"
+        return f"{text}, {self.note}" if self.note else text
+
+    @property
+    def diverged_at(self):
+        """The 1-based epoch in which the run diverged (see ``DIVERGED_FACTOR``), or None. A run stopped by
+        a non-finite loss before its bad epoch was logged diverged in the epoch after its last row."""
+        if self.rows:
+            first = self.rows[0].get("Train Loss", 0.0)
+            limit = DIVERGED_FACTOR * max(1.0, first) if math.isfinite(first) else -math.inf
+            for epoch, row in enumerate(self.rows, start=1):
+                if any(not math.isfinite(row[c]) or abs(row[c]) > limit for c in TRAIN_LOSS_COLUMNS if c in row):
+                    return epoch
+        if self.state == "stopped" and NON_FINITE.search((self.status_record or {}).get("detail") or ""):
+            return len(self.rows) + 1
+        return None
+
+    @property
+    def diverged(self):
+        return self.diverged_at is not None
+
+    @property
+    def averaged(self):
+        """Whether the run's values enter a mean over seeds: it has some and did not diverge."""
+        return self.has_values and not self.diverged
 
     @property
     def wall_time_s(self):
-        return self.summary.get("wall_time_s") if self.finished else None
+        return self.summary.get("wall_time_s") if self.finished and self.summary else None
 
     @property
     def settings(self):
         """The options that define the experiment, as {name: value} (see ``NOT_SETTINGS``)."""
         return {key: value for key, value in self.args.items()
                 if key not in NOT_SETTINGS and not isinstance(value, (dict, list))}
+
+
+def age(seconds):
+    """``40 s``, ``12 min``, ``3 h``, ``2 days``."""
+    seconds = max(0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.0f} h"
+    return plural(round(seconds / 86400), "day")
 
 
 # ----------------------------------------------------------------------------- reading one run folder
@@ -95,14 +205,16 @@ def read_json(path):
 
 
 def read_log(path):
-    """``log.txt`` as a list of {column: value}: a header, then one tab-terminated row per finished epoch."""
+    """``log.txt`` as (columns, rows as {column: value}): a header, then one tab-terminated row per finished
+    epoch; a run that has not finished its first epoch has the header only. Values may be huge, ``inf`` or
+    ``nan`` (a diverging run)."""
     try:
         with open(path) as f:
             lines = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as exc:
         raise RunFolderError(f"cannot read {LOG} ({exc.strerror})") from None
-    if len(lines) < 2:
-        raise RunFolderError(f"{LOG} has no finished epoch yet")
+    if not lines:
+        raise RunFolderError(f"{LOG} is empty (not even its header line)")
     columns = lines[0].rstrip("\t").split("\t")
     rows = []
     for number, line in enumerate(lines[1:], start=2):
@@ -111,17 +223,21 @@ def read_log(path):
         except ValueError:
             raise RunFolderError(f"{LOG} line {number} holds a value that is not a number") from None
         if len(values) != len(columns):
-            raise RunFolderError(f"{LOG} line {number} has {len(values)} values for {len(columns)} columns")
+            raise RunFolderError(f"{LOG} line {number} has {plural(len(values), 'value')} for "
+                                 f"{plural(len(columns), 'column')}")
         rows.append(dict(zip(columns, values)))
-    return rows
+    return columns, rows
 
 
-def protocol_values(protocol, args, rows, wall_time):
-    """The log rows as the training loop's history, through the scripts' own ``summarize``."""
-    history = [{key: row[name] for name, key in protocol.columns if name in row} for row in rows]
+def protocol_values(protocol, args, columns, rows, wall_time):
+    """The log rows as the training loop's history, through the scripts' own ``summarize``; {} without rows."""
     m = protocol.metric
-    if not all(f"val_{m}" in h and f"test_{m}" in h for h in history):
+    names = {key: name for name, key in protocol.columns}
+    if names[f"val_{m}"] not in columns or names[f"test_{m}"] not in columns:
         raise RunFolderError(f"{LOG} lacks the {args['dataset']} columns for validation and test {m}")
+    if not rows:
+        return {}
+    history = [{key: row[name] for name, key in protocol.columns if name in row} for row in rows]
     run_args = SimpleNamespace(method=args["method"], dataset=args["dataset"], n_labeled=args["n_labeled"],
                                manualSeed=args["manualSeed"])
     return summarize(protocol, history, wall_time, run_args)
@@ -153,26 +269,69 @@ def read_summary(path):
     return summary, None
 
 
+def read_status(path):
+    """(status.json or None, what is wrong with it or None); older run folders have none."""
+    if not os.path.exists(path):
+        return None, None
+    try:
+        status = read_json(path)
+    except RunFolderError as exc:
+        return None, str(exc)
+    if not isinstance(status, dict) or status.get("state") not in STATES:
+        return None, f"{STATUS} records no state ({', '.join(STATES)})"
+    return status, None
+
+
+def newest_write(path):
+    """The latest modification time of the files in ``path`` (a running run rewrites some every epoch)."""
+    times = []
+    for entry in os.scandir(path):
+        try:
+            if entry.is_file():
+                times.append(entry.stat().st_mtime)
+        except OSError:
+            pass
+    return max(times, default=None)
+
+
 def load_run(path):
-    """The run in ``path``, and a remark for stderr about its summary.json (or None)."""
+    """The run in ``path``, and a remark for stderr about its summary.json or status.json (or None)."""
     args = read_json(os.path.join(path, ARGS))
     if not isinstance(args, dict) or any(key not in args for key in REQUIRED_ARGS):
         raise RunFolderError(f"{ARGS} lacks one of {', '.join(REQUIRED_ARGS)}")
     if args["dataset"] not in PROTOCOLS:
         raise RunFolderError(f"{ARGS} names an unknown dataset {args['dataset']!r}")
     protocol = PROTOCOLS[args["dataset"]]
-    rows = read_log(os.path.join(path, LOG))
+    columns, rows = read_log(os.path.join(path, LOG))
     summary, problem = read_summary(os.path.join(path, SUMMARY))
-    values = protocol_values(protocol, args, rows, summary.get("wall_time_s") if summary else None)
-    run = RunRecord(path=path, args=args, protocol=protocol, rows=rows, values=values, summary=summary)
+    status, status_problem = read_status(os.path.join(path, STATUS))
+    values = protocol_values(protocol, args, columns, rows, summary.get("wall_time_s") if summary else None)
+    run = RunRecord(path=path, args=args, protocol=protocol, columns=columns, rows=rows, values=values,
+                    summary=summary, status_record=status, last_written=newest_write(path))
+    remarks, notes = [], []
+    if status_problem:
+        notes.append(f"{STATUS} damaged")
+        remarks.append(f"{status_problem}; status inferred from {SUMMARY} and {LOG}")
     if problem:
-        run.note = f"{SUMMARY} damaged"
-        return run, f"{problem}; values from {LOG}"
-    key = disagreement(values, summary) if summary else None
-    if key:
-        run.note = f"{SUMMARY} disagrees on {key}"
-        return run, f"{SUMMARY} and {LOG} disagree on {key} ({summary.get(key)} vs {values[key]}); values from {LOG}"
-    return run, None
+        notes.append(f"{SUMMARY} damaged")
+        remarks.append(f"{problem}; values from {LOG}")
+    elif summary and not rows:
+        notes.append(f"{SUMMARY} without log rows")
+        remarks.append(f"{SUMMARY} records a finished run but {LOG} has no row")
+    elif summary:
+        key = disagreement(values, summary)
+        if key:
+            notes.append(f"{SUMMARY} disagrees on {key}")
+            remarks.append(f"{SUMMARY} and {LOG} disagree on {key} ({summary.get(key)} vs {values[key]}); "
+                           f"values from {LOG}")
+    run.note = ", ".join(notes)
+    return run, "; ".join(remarks) or None
+
+
+# ----------------------------------------------------------------------------- which folders
+
+def is_run_folder(path):
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_MARKERS)
 
 
 def run_folders_under(root):
@@ -180,16 +339,30 @@ def run_folders_under(root):
     are not runs and are passed over without a remark."""
     if not os.path.isdir(root):
         return []
-    children = [os.path.join(root, name) for name in sorted(os.listdir(root))]
-    return [path for path in children
-            if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_MARKERS)]
+    children = [os.path.join(root, name) for name in sorted(os.listdir(root)) if not name.startswith(".")]
+    return [path for path in children if is_run_folder(path)]
 
 
-def nothing_read(patterns):
-    """The one-line reason for an empty table or figure."""
+def default_folders():
+    """Without arguments: the run folders directly under ``runs/`` (utils.experiments' grid) and directly in
+    the current folder (the training scripts' default ``--out``)."""
+    here = [os.path.relpath(path) for path in run_folders_under(os.curdir)]
+    return run_folders_under(DEFAULT_ROOT) + [path for path in here if path not in (DEFAULT_ROOT,)]
+
+
+def where_looked():
+    return f"directly under {DEFAULT_ROOT}/ and in the current folder ({os.path.abspath(os.curdir)})"
+
+
+def nothing_read(patterns, found=0):
+    """The one-line reason for an empty table or figure; ``found``: the folders tried."""
     if patterns:
         return "no run folder could be read"
-    return f"no run folder could be read under {DEFAULT_ROOT}/; name run folders or glob patterns"
+    if found:
+        which = "the run folder" if found == 1 else f"none of the {found} run folders"
+        return (f"{which} found {where_looked()} could {'not ' if found == 1 else ''}be read; "
+                f"name run folders or glob patterns")
+    return f"no run folder found {where_looked()}; name run folders or glob patterns"
 
 
 def expand(patterns):
@@ -223,6 +396,13 @@ def load_runs(patterns):
     return runs
 
 
+def runs_or_error(patterns):
+    """The runs the command line names (the default folders without any), or the one-line error."""
+    folders = patterns or default_folders()
+    runs = load_runs(folders)
+    return runs, None if runs else nothing_read(patterns, len(folders))
+
+
 # ----------------------------------------------------------------------------- tables
 
 def labels(n_labeled):
@@ -234,8 +414,10 @@ def number(value, metric):
 
 
 def wall_time(run):
-    """H:MM:SS of a finished run; an unfinished one has no total yet."""
+    """H:MM:SS of a finished run; an unfinished one has no total."""
     if not run.finished:
+        if run.state in ("interrupted", "stopped"):
+            return "not finished"
         return "unknown" if run.note else "in progress"
     seconds = run.wall_time_s
     if not isinstance(seconds, (int, float)):
@@ -261,15 +443,28 @@ def display_names(runs):
     return [run.name if names.count(run.name) == 1 else os.path.normpath(run.path) for run in runs]
 
 
+def shown_status(run):
+    """The status column: how the run ended, and where it diverged."""
+    return f"{run.status}; diverged in epoch {run.diverged_at}" if run.diverged else run.status
+
+
+def value_cells(run):
+    """test @ best val (epoch), median and mean of the last 20: "diverged" for a diverged run, empty before
+    the first epoch."""
+    if run.diverged:
+        return ["diverged"] * 3
+    if not run.has_values:
+        return [""] * 3
+    v, m = run.values, run.protocol.metric
+    return [f"{number(v['test_at_best_val'], m)} ({v['best_epoch']})", number(v["median_last20_test"], m),
+            number(v["mean_last20_test"], m)]
+
+
 def run_table(runs):
     header = ["run", "method", "dataset", "labels", "seed", "status", "test @ best val (epoch)",
               "median last 20", "mean last 20", "wall time"]
-    rows = []
-    for name, run in zip(display_names(runs), runs):
-        v, m = run.values, run.protocol.metric
-        rows.append([name, v["method"], v["dataset"], labels(v["n_labeled"]), v["seed"], run.status,
-                     f"{number(v['test_at_best_val'], m)} ({v['best_epoch']})", number(v["median_last20_test"], m),
-                     number(v["mean_last20_test"], m), wall_time(run)])
+    rows = [[name, run.method, run.dataset, labels(run.n_labeled), run.seed, shown_status(run), *value_cells(run),
+             wall_time(run)] for name, run in zip(display_names(runs), runs)]
     return markdown(header, rows)
 
 
@@ -282,22 +477,37 @@ def mean_std(values, metric):
 
 @dataclass
 class Group:
-    members: list   # runs with the same settings, by seed
+    members: list   # runs with the same settings, by seed (every run, repeats of a seed included)
     setting: str    # "name=value, ..." of the options that tell it from groups of the same method,
                     # dataset and labels; empty when there is no such group
 
     @property
     def name(self):
-        v = self.members[0].values
-        name = f"{v['method']} on {v['dataset']} with {labels(v['n_labeled'])} labels"
+        run = self.members[0]
+        name = f"{run.method} on {run.dataset} with {labels(run.n_labeled)} labels"
         return f"{name} ({self.setting})" if self.setting else name
+
+    def by_seed(self):
+        """{seed: the runs with that seed}, seeds in order."""
+        seeds = defaultdict(list)
+        for run in self.members:
+            seeds[run.seed].append(run)
+        return dict(seeds)
+
+    def counted(self):
+        """One run per seed: of runs sharing a seed, the finished one, else the one with the most epochs,
+        else one that did not diverge, else the first by path."""
+        return [min(runs, key=preference) for runs in self.by_seed().values()]
+
+
+def preference(run):
+    return not run.finished, -len(run.rows), run.diverged, os.path.normpath(run.path)
 
 
 def headline(run):
     """Dataset, method and label count in table order: the paper's methods first, others after them."""
-    v = run.values
-    method_rank = METHODS.index(v["method"]) if v["method"] in METHODS else len(METHODS)
-    return v["dataset"], method_rank, v["method"], math.inf if v["n_labeled"] == -1 else v["n_labeled"]
+    method_rank = METHODS.index(run.method) if run.method in METHODS else len(METHODS)
+    return run.dataset, method_rank, run.method, math.inf if run.n_labeled == -1 else run.n_labeled
 
 
 def sortable(value):
@@ -327,7 +537,7 @@ def groups(runs):
     for head in sorted(by_headline):
         siblings = sorted(by_headline[head], key=lambda settings: [sortable(v) for v in settings])
         for settings, setting in zip(siblings, setting_labels(names, siblings)):
-            ordered.append(Group(sorted(by_settings[settings], key=lambda run: run.values["seed"]), setting))
+            ordered.append(Group(sorted(by_settings[settings], key=lambda run: sortable(run.seed)), setting))
     return ordered
 
 
@@ -338,74 +548,105 @@ def setting_labels(names, siblings):
     return [", ".join(f"{names[i]}={shown(settings[i])}" for i in differing) for settings in siblings]
 
 
+def why_kept(kept, runs):
+    others = [run for run in runs if run is not kept]
+    if kept.finished and not any(run.finished for run in others):
+        return "the finished one"
+    alike = [run for run in others if run.finished == kept.finished]
+    if all(len(kept.rows) > len(run.rows) for run in alike):
+        return f"the one with the most epochs, {len(kept.rows)}"
+    if not kept.diverged and any(run.diverged for run in alike if len(run.rows) == len(kept.rows)):
+        return "the one that did not diverge"
+    return "the first by path of equally far runs"
+
+
 def warn_about_repeated_seeds(grouped):
-    """Runs of one group sharing a seed repeat one sample rather than add one: their spread is not a
-    spread over seeds."""
+    """Runs of one group sharing a seed repeat one sample rather than add one: the seed counts once, and
+    stderr says which run stands for it."""
     for group in grouped:
-        paths_by_seed = defaultdict(list)
-        for run in group.members:
-            paths_by_seed[run.values["seed"]].append(run.path)
-        for seed, paths in paths_by_seed.items():
-            if len(paths) > 1:
-                print(f"warning: {group.name}: {len(paths)} runs share seed {seed} ({', '.join(paths)}); "
-                      f"they are averaged as if they were different seeds", file=sys.stderr)
+        kept = group.counted()
+        for run_list, chosen in zip(group.by_seed().values(), kept):
+            if len(run_list) > 1:
+                print(f"warning: {group.name}: {len(run_list)} runs share seed {chosen.seed} "
+                      f"({', '.join(run.path for run in run_list)}); the seed counts once, with {chosen.path} "
+                      f"({why_kept(chosen, run_list)})", file=sys.stderr)
 
 
 def group_table(grouped):
-    header = ["method", "dataset", "labels", "setting", "runs", "seeds", "test @ best val", "median last 20",
+    header = ["method", "dataset", "labels", "setting", "n", "seeds", "test @ best val", "median last 20",
               "mean last 20"]
     rows = []
     for group in grouped:
-        members = group.members
-        first, m = members[0].values, members[0].protocol.metric
-        unfinished = sum(not run.finished for run in members)
-        count = f"{len(members)} ({unfinished} unfinished)" if unfinished else str(len(members))
-        rows.append([first["method"], first["dataset"], labels(first["n_labeled"]), group.setting, count,
-                     ", ".join(str(run.values["seed"]) for run in members)]
-                    + [mean_std([run.values[key] for run in members], m)
-                       for key in ("test_at_best_val", "median_last20_test", "mean_last20_test")])
+        counted = group.counted()
+        averaged = [run for run in counted if run.averaged]
+        first = group.members[0]
+        unfinished = sum(not run.finished for run in averaged)
+        n = f"{len(averaged)} ({unfinished} unfinished)" if unfinished else str(len(averaged))
+        seeds = ", ".join(str(run.seed) for run in averaged)
+        left_out = [f"{run.seed} ({'diverged' if run.diverged else 'no epoch yet'})"
+                    for run in counted if not run.averaged]
+        if left_out:
+            seeds = f"{seeds}; not averaged: {', '.join(left_out)}" if seeds else f"not averaged: {', '.join(left_out)}"
+        if averaged:
+            m = first.protocol.metric
+            cells = [mean_std([run.values[key] for run in averaged], m)
+                     for key in ("test_at_best_val", "median_last20_test", "mean_last20_test")]
+        else:
+            cells = ["diverged" if any(run.diverged for run in counted) else ""] * 3
+        rows.append([first.method, first.dataset, labels(first.n_labeled), group.setting, n, seeds, *cells])
     return markdown(header, rows)
 
 
-CSV_COLUMNS = ["run", "path", "method", "dataset", "n_labeled", "seed", "metric", "status", "epochs_done", "epochs",
-               "best_epoch", "best_val", "test_at_best_val", "median_last20_test", "mean_last20_test", "wall_time_s",
-               "note"]
+CSV_COLUMNS = ["run", "path", "method", "dataset", "n_labeled", "seed", "metric", "status", "state", "diverged",
+               "diverged_epoch", "epochs_done", "epochs", "best_epoch", "best_val", "test_at_best_val",
+               "median_last20_test", "mean_last20_test", "wall_time_s", "note"]
 
 
 def write_csv(path, runs):
+    """The per-run table with full-precision values (also those of a diverged run, flagged in ``diverged``)."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for name, run in zip(display_names(runs), runs):
-            v = run.values
-            writer.writerow({**{key: v[key] for key in CSV_COLUMNS if key in v},
-                             "run": name, "path": run.path, "status": run.status, "epochs_done": len(run.rows),
-                             "epochs": run.args["epochs"], "wall_time_s": run.wall_time_s, "note": run.note})
+            writer.writerow({**{key: run.values[key] for key in CSV_COLUMNS if key in run.values},
+                             "run": name, "path": run.path, "method": run.method, "dataset": run.dataset,
+                             "n_labeled": run.n_labeled, "seed": run.seed, "metric": run.protocol.metric,
+                             "status": run.status, "state": run.state or "in progress",
+                             "diverged": "true" if run.diverged else "false", "diverged_epoch": run.diverged_at,
+                             "epochs_done": len(run.rows), "epochs": run.epochs, "wall_time_s": run.wall_time_s,
+                             "note": run.note})
 
 
 def report(runs, grouped):
-    metrics = sorted({(run.values["dataset"], run.protocol.metric) for run in runs})
+    metrics = sorted({(run.dataset, run.protocol.metric) for run in runs})
     legend = "; ".join(f"{dataset}: {METRIC_NAMES[metric]}" for dataset, metric in metrics)
     return (f"### Runs\n\n{run_table(runs)}\n\n### Over seeds (mean ± sample std)\n\n{group_table(grouped)}\n\n"
             f"Values: {legend}. \"test @ best val\" is the test value at the first epoch with the best "
-            f"validation value; \"last 20\" are the last 20 epochs (fewer in shorter runs). Runs are averaged "
-            f"only when all their options agree; \"setting\" names the options that tell apart groups of the "
-            f"same method, dataset and labels.")
+            f"validation value; \"last 20\" are the last 20 epochs (fewer in shorter runs). A run diverged when "
+            f"{DIVERGED_RULE}; its values are not shown or averaged. Runs are averaged only when all their options "
+            f"agree; \"setting\" names the options that tell apart groups of the same method, dataset and labels; "
+            f"n counts distinct seeds, a seed run twice counting once.")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tables of the protocol values of run folders (docs/evaluation.md §3).")
+    p = argparse.ArgumentParser(
+        description="Tables of the protocol values of run folders (docs/evaluation.md §3), with how each run "
+                    "ended (status.json) and whether it diverged.")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                   help=f"run folders or glob patterns (default: every run folder under {DEFAULT_ROOT}/)")
+                   help=f"run folders or glob patterns (default: every run folder directly under {DEFAULT_ROOT}/ "
+                        f"and directly in the current folder, where the training scripts' default --out puts them)")
     p.add_argument("--csv", metavar="FILE", help="also write the per-run table as CSV")
     args = p.parse_args(argv)
-    runs = load_runs(args.runs or run_folders_under(DEFAULT_ROOT))
-    if not runs:
-        print(f"error: {nothing_read(args.runs)}", file=sys.stderr)
+    runs, error = runs_or_error(args.runs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     grouped = groups(runs)
     warn_about_repeated_seeds(grouped)
-    print(report(runs, grouped))
+    try:
+        print(report(runs, grouped), flush=True)
+    except BrokenPipeError:  # a reader such as `head` stopped early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.csv:
         write_csv(args.csv, runs)
     return 0
