@@ -1,4 +1,4 @@
-"""End-to-end tests of the training scripts through their real command line (README "Options every script shares", "Monitoring and run folders").
+"""End-to-end tests of the training scripts through their real command line (docs/defaults.md §4, README "Monitoring and run folders").
 
 Each script runs a few tiny epochs on the fixture datasets; the tests read back every file of the run
 folder (docs/evaluation.md §1–§2: log.txt, tensorboard events, checkpoints; README "Monitoring and run folders": args.json, split.json,

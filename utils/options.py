@@ -1,4 +1,4 @@
-"""The command-line contract shared by all six scripts (README "Options every script shares").
+"""The command-line contract shared by all six scripts (docs/defaults.md §4).
 
 Every option defaults to ``None`` here; ``finalize`` then fills what the user did not give from the
 per-task defaults of the method the script is based on (``utils.defaults``), so ``None`` also tells
