@@ -675,6 +675,65 @@ def test_exploding_loss_stops_with_epoch_and_iteration(roots, tmp_path):
     assert not (folder / "summary.json").exists()
 
 
+def test_a_non_finite_loss_stops_the_run_at_the_next_check_even_without_progress(roots, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """With --no-progress the losses are read at the latest every NONFINITE_CHECK_S seconds (set to 0 here):
+    the run stops right after the iteration whose loss is NaN, not at the end of its epoch."""
+    import utils.bookkeeping
+    monkeypatch.setattr(utils.bookkeeping, "NONFINITE_CHECK_S", 0.0)
+    script = load_script("MT")
+    real_step, steps = script.train_step, []
+
+    def nan_in_iteration_2(nets, batch, task, args, weight, step):
+        steps.append(step)
+        losses = real_step(nets, batch, task, args, weight, step)
+        if step == 1:
+            losses["loss"] = torch.tensor(float("nan"))
+        return losses
+    monkeypatch.setattr(script, "train_step", nan_in_iteration_2)
+    code, err = main_exit_code("MT", data_options("aflw", "MT", roots) + ["--epochs", 1, "--val-iteration", 10,
+                                                                          "--out", tmp_path / "run"],
+                               capsys, module=script)
+    assert code == 1 and "epoch 1, iteration 2" in assert_one_error_line(err)
+    assert steps == [0, 1]
+
+
+def test_a_run_that_takes_more_than_a_day_says_so_at_the_start(roots, tmp_path, capsys, monkeypatch):
+    """After its first timed iterations, a run whose training left exceeds a day prints one line projecting
+    it (here 10 million epochs of 3 iterations, projected after the first iteration; Ctrl-C in the third)."""
+    import utils.bookkeeping
+    monkeypatch.setattr(utils.bookkeeping, "PROJECTION_AFTER_S", 0.0)
+    script = load_script("MT")
+    real_step = script.train_step
+
+    def interrupted_later(nets, batch, task, args, weight, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(nets, batch, task, args, weight, step)
+    monkeypatch.setattr(script, "train_step", interrupted_later)
+    options = data_options("aflw", "MT", roots) + ["--epochs", 10_000_000, "--out", tmp_path / "run"]
+    code, _, err = run_in_process("MT", options, capsys, module=script)
+    assert code == 130
+    notes = [line for line in err.splitlines() if line.startswith("note: the ")]
+    assert len(notes) == 1 and "29,999,999 training iterations left take about" in notes[0], err
+    assert re.search(r"about \d+d\d\dh on this CPU", notes[0]), notes[0]
+
+
+def test_no_non_finite_value_reaches_tensorboard(roots, tmp_path, capsys, monkeypatch):
+    """A scalar that is not finite (here a recorded one) stays out of the events: tensorboardX would print
+    "NaN or Inf found in input tensor" for it."""
+    script = load_script("MT")
+    real_step = script.train_step
+    monkeypatch.setattr(script, "train_step", lambda *args: dict(real_step(*args), spread=torch.tensor(float("inf"))))
+    folder = tmp_path / "run"
+    code, out, err = run_in_process("MT", data_options("aflw", "MT", roots) + ["--epochs", 1, "--out", folder], capsys,
+                                    module=script)
+    assert code == 0, err
+    assert "spread inf" in out and "NaN or Inf" not in out + err
+    scalars = read_scalars(folder)
+    assert "train/spread" not in scalars and "losses/train_loss" in scalars
+
+
 def test_nan_loss_keeps_the_last_epoch_and_resumes_exactly(runs, roots, tmp_path, capsys, monkeypatch):
     """A NaN in epoch 2, iteration 2 stops the run; the epoch-1 checkpoint continues to the same result
     as a run that never failed."""
