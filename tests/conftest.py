@@ -34,3 +34,41 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- --device (tests/test_device.py)
+# ``python -m pytest tests --device cuda`` runs the device-relevant tests — those that take the ``device``
+# fixture — on CUDA and deselects the rest (CPU facts that CI checks); without CUDA they are all skipped,
+# and pytest exits 0. The default, ``--device cpu``, changes nothing: every test runs, the device tests on
+# the CPU.
+CUDA_MISSING = "CUDA is not available"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="cuda: run only the tests that take the `device` fixture, on CUDA (all skipped "
+                          "without CUDA); cpu (default): every test, the device tests on the CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") != "cuda":
+        return
+    kept = [item for item in items if "device" in getattr(item, "fixturenames", ())]
+    dropped = [item for item in items if "device" not in getattr(item, "fixturenames", ())]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+    if not torch.cuda.is_available():
+        for item in kept:
+            item.add_marker(pytest.mark.skip(reason=CUDA_MISSING))
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The device the device-relevant tests run on: ``torch.device("cuda", 0)`` under ``--device cuda``,
+    else the CPU."""
+    if request.config.getoption("--device") == "cuda":
+        if not torch.cuda.is_available():  # only reached when a test was not skipped at collection
+            pytest.skip(CUDA_MISSING)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
