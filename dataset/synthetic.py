@@ -1,6 +1,6 @@
 """Tiny datasets in the real on-disk formats, with content a network can learn from.
 
-Used by the tests and by ``python -m utils.gpucheck``: CIFAR-10 as torchvision's python-pickle batches
+Used by the tests (on the CPU and, with ``--device cuda``, on a GPU): CIFAR-10 as torchvision's python-pickle batches
 (``cifar-10-batches-py/``) and AFLW in the IMM ``aflw_release-2`` layout (``.mat`` keypoints, JPEG
 crops under ``output/``). The AFLW "faces" are skin-coloured ellipses with dark eye, nose and mouth
 dots at the keypoints; CIFAR-10 images are noise whose mean colour depends on the class.

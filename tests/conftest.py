@@ -44,6 +44,11 @@ def one_torch_thread():
 CUDA_MISSING = "CUDA is not available"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs and compilation; `-m \"not slow\"` leaves them out "
+                                       "for a first check (CI runs everything)")
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
                      help="cuda: run only the tests that take the `device` fixture, on CUDA (all skipped "

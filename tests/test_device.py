@@ -30,6 +30,8 @@ from tests.test_scripts import AFLW_COLUMNS, CIFAR_COLUMNS, RUN_FILES, assert_ok
 from utils.benchmark import make_config, random_batch
 from utils.meta import label_generator_output, meta_label_gradient, virtual_loss
 
+pytestmark = pytest.mark.slow   # end-to-end runs / compilation: left out by `-m "not slow"`
+
 BATCH, ITERATIONS, EPOCHS = 8, 3, 2
 DATA = {"cifar10": ["--n-labeled", "40", "--n-val", "20"], "aflw": ["--n-labeled", "0.2"]}
 COLUMNS = {"cifar10": CIFAR_COLUMNS, "aflw": AFLW_COLUMNS}

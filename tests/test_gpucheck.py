@@ -12,6 +12,8 @@ import torch
 
 from utils import gpucheck
 
+pytestmark = pytest.mark.slow   # end-to-end runs / compilation: left out by `-m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 # Two quick device tests and MT on AFLW at batch 8 for one timed iteration: every step runs, in ~25 s.

@@ -34,6 +34,8 @@ from utils.schedules import unsup_weight
 from utils.steps import consistency_update
 from utils.tasks import TASKS
 
+pytestmark = pytest.mark.slow   # end-to-end runs / compilation: left out by `-m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 BATCH = 4

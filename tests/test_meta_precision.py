@@ -25,6 +25,8 @@ from utils.landmarks import NUM_POINTS, denormalise, normalise
 from utils.meta import label_generator_output, meta_label_gradient, virtual_loss
 from utils.tasks import AflwTask, Batch, Cifar10Task
 
+pytestmark = pytest.mark.slow   # end-to-end runs / compilation: left out by `-m "not slow"`
+
 BATCH = 2
 LR = {"cifar10": 0.002, "aflw": 0.03}  # the tasks' default learning rates (docs/defaults.md)
 # AFLW target statistics of the size the real ones have: coordinates about 30 px, spread a few px.

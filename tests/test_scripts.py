@@ -28,6 +28,8 @@ from models.tcdcnn import TCDCNN
 from models.wideresnet import WideResNet
 from utils.defaults import defaults
 
+pytestmark = pytest.mark.slow   # end-to-end runs / compilation: left out by `-m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 # One BLAS/OpenMP thread per script: on a busy 2-core machine more threads oversubscribe the cores and
 # make these tiny batches many times slower. It also makes the CPU runs' reductions reproducible.

@@ -29,6 +29,8 @@ from utils.options import SPEED_FLAGS, common_parser, finalize
 from utils.scripts import load_script
 from utils.tasks import TASKS, Cifar10Task
 
+pytestmark = pytest.mark.slow   # end-to-end runs / compilation: left out by `-m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 CPU = torch.device("cpu")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from dataset.synthetic import make_cifar10
+from dataset.synthetic import make_aflw_release, make_cifar10
 from tests.test_scripts import (CIFAR_OPTIONS, REPO, SCRIPT_ENV, assert_ok, assert_one_error_line,
                                 load_script, run_in_process, snapshot)
 from utils.defaults import available_cpus, data_workers
 from utils.logger import EpochProgress
-from utils.options import labeled_amount
+from utils.options import infer_dataset, labeled_amount
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def repository_copy(destination):
     return destination
 
 
+@pytest.mark.slow
 def test_a_copied_script_is_its_own_method(roots, tmp_path):
     repo = repository_copy(tmp_path / "repo")
     shutil.copy(repo / "train-MT.py", repo / "train-MYVAR.py")
@@ -78,6 +79,7 @@ def test_a_copied_script_is_its_own_method(roots, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the README's quick try
+QUICK_TRY_AFLW_ME = 0.06   # generated AFLW: the untrained TCDCNN scores 0.065, the recipe reaches 0.052 (measured)
 
 def readme_quick_try_commands():
     """The ``python train-…`` lines of README's section whose title says "quick try"."""
@@ -89,28 +91,38 @@ def readme_quick_try_commands():
 
 @pytest.fixture(scope="module")
 def quick_try_data(tmp_path_factory):
-    """CIFAR-10 in the real format with room for the README recipe's 250 labels and 500 validation images."""
-    return make_cifar10(str(tmp_path_factory.mktemp("quick-try")), per_class_train=100, per_class_test=10)
+    """Generated data in the real formats with room for the README recipes: CIFAR-10 with 100 training
+    images per class (250 labels, 500 validation images) and an AFLW release of 600 training lines."""
+    root = tmp_path_factory.mktemp("quick-try")
+    return {"cifar10": make_cifar10(str(root / "cifar10"), per_class_train=100, per_class_test=10),
+            "aflw": str(make_aflw_release(root / "aflw", n_train=600, n_test=100))}
 
 
+@pytest.mark.slow
 def test_readme_quick_try_learns(quick_try_data, tmp_path):
-    """The README's quick-try command, as written except for where the data is and the run goes, ends
-    well above chance (10 %) on generated CIFAR-10; with the authors' batch-norm momentum the same short
-    run would evaluate at chance, which is what the recipe exists to avoid."""
+    """The README's quick-try commands, as written except for where the data is and the run goes, learn on
+    generated data: CIFAR-10 ends well above chance (10 %) — with the authors' batch-norm momentum the
+    same short run would evaluate at chance, which is what the recipe exists to avoid — and AFLW's mean
+    error ends below QUICK_TRY_AFLW_ME."""
     commands = readme_quick_try_commands()
-    assert commands, "README has no quick-try command"
+    assert {infer_dataset(labeled_amount(shlex.split(c)[shlex.split(c).index("--n-labeled") + 1]))
+            for c in commands} == {"cifar10", "aflw"}, commands
     for command in commands:
         argv = shlex.split(command)[1:]
-        assert "--bn-momentum" in argv and "--ema-decay" in argv
+        dataset = infer_dataset(labeled_amount(argv[argv.index("--n-labeled") + 1]))
+        assert "--ema-decay" in argv and ("--bn-momentum" in argv) == (dataset == "cifar10")
         out = tmp_path / Path(argv[argv.index("--out") + 1]).name
         argv[argv.index("--out") + 1] = str(out)
         env = dict(SCRIPT_ENV, OMP_NUM_THREADS="2")   # the one long run of the suite: both cores
-        proc = subprocess.run([sys.executable, *argv, "--data-root", quick_try_data], cwd=REPO, env=env,
+        proc = subprocess.run([sys.executable, *argv, "--data-root", quick_try_data[dataset]], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600)
         assert_ok(proc)
         summary = read_json(out / "summary.json")
-        assert summary["metric"] == "acc" and summary["test_at_best_val"] >= 50.0, summary
-        assert re.search(r"^epoch 3/3 .* test acc", proc.stdout, re.M), proc.stdout
+        if dataset == "cifar10":
+            assert summary["metric"] == "acc" and summary["test_at_best_val"] >= 50.0, summary
+            assert re.search(r"^epoch 3/3 .* test acc", proc.stdout, re.M), proc.stdout
+        else:
+            assert summary["metric"] == "me" and summary["test_at_best_val"] < QUICK_TRY_AFLW_ME, summary
 
 
 # ----------------------------------------------------------------------------- seeing progress

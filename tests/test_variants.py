@@ -21,6 +21,8 @@ from tests.test_scripts import (REPO, RUN_OPTIONS, SCRIPT_ENV, assert_ok, assert
 from tests.test_usability import repository_copy
 from utils.evaluation import PROTOCOLS
 
+pytestmark = pytest.mark.slow   # end-to-end runs / compilation: left out by `-m "not slow"`
+
 AFLW_COLUMNS = [name for name, _ in PROTOCOLS["aflw"].columns]
 ITERATIONS = int(RUN_OPTIONS[RUN_OPTIONS.index("--val-iteration") + 1])
 

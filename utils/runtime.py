@@ -42,7 +42,7 @@ def configure_backends(device, tf32):
 
     The legacy ``allow_tf32`` flags are used, and only they: PyTorch raises a RuntimeError when a legacy
     getter is read after the newer ``fp32_precision`` settings were written (the two APIs must not be
-    mixed), and torch 2.14 itself (inductor) and utils.gpucheck still read the legacy getters, while a
+    mixed), and torch 2.14 itself (inductor) still reads the legacy getters, while a
     legacy write keeps both APIs' getters consistent. They also exist in every supported torch (≥ 2.6; the
     ``fp32_precision`` settings arrived in 2.9).
     """
