@@ -152,9 +152,10 @@ def small_run(roots, out, *extra):
              "--gpu", "cpu", "--workers", 0, "--epochs", 2, "--out", out, *extra])
 
 
-def test_every_mode_prints_one_line_per_epoch(roots, tmp_path, capsys, monkeypatch):
-    """A bar on a terminal; plain progress lines when stdout is not one (a log file); neither with
-    --no-progress. The epoch's metrics line appears in all three."""
+def test_every_mode_prints_two_lines_per_epoch(roots, tmp_path, capsys, monkeypatch):
+    """A bar on a terminal; plain progress lines when stdout is not one (a log file), both with the time left
+    in the epoch and the run; neither with --no-progress. Every finished epoch prints two lines in all three
+    (README "Monitoring and run folders"): its timing and its metrics."""
     epoch_lines = re.compile(r"^epoch [12]/2  train loss \S+  valid me \S+  test me \S+$", re.M)
     monkeypatch.setattr(EpochProgress, "PLAIN_EVERY_S", 0.0)   # a progress line at every iteration
     monkeypatch.setattr(EpochProgress, "BAR_REFRESH_S", 0.0)
@@ -166,7 +167,12 @@ def test_every_mode_prints_one_line_per_epoch(roots, tmp_path, capsys, monkeypat
         assert code == 0, err
     for mode, out in outputs.items():
         assert len(epoch_lines.findall(out)) == 2, (mode, out)
-    assert re.findall(r"^  epoch 1/2: iteration (\d)/3", outputs["plain"], re.M) == ["1", "2", "3"]
+    progress_lines = r"^  epoch 1/2: iteration (\d)/3, .*, run in \S+$"
+    assert re.findall(progress_lines, outputs["plain"], re.M) == ["1", "2", "3"]
+    lines = outputs["none"].splitlines()
+    first_summary = next(i for i, line in enumerate(lines) if line.startswith("Test "))
+    assert len(lines[1:first_summary]) == 2 * 2, lines   # after the run's first line: two per epoch
+    assert all(re.match(r"^  \S+ s per iteration, of which waiting for data", line) for line in lines[1:first_summary:2])
     assert "\r" not in outputs["plain"] and "\r" not in outputs["none"]
     assert not re.search(r"iteration \d/3", outputs["none"])
     assert "Epoch 1/2 |" in outputs["bar"] and "\r" in outputs["bar"]
