@@ -255,31 +255,29 @@ def disagreement(values, summary):
     return None
 
 
-def read_summary(path):
-    """(summary or None, what is wrong with it or None); a damaged summary.json is not fatal when log.txt
-    is fine."""
+def read_optional(path, valid, problem):
+    """(the JSON object at ``path`` or None, what is wrong with it or None): a missing file is no problem,
+    and a damaged one is not fatal when log.txt is fine."""
     if not os.path.exists(path):
         return None, None
     try:
-        summary = read_json(path)
+        value = read_json(path)
     except RunFolderError as exc:
         return None, str(exc)
-    if not isinstance(summary, dict) or summary.get("finished") is not True:
-        return None, f"{SUMMARY} does not record a finished run"
-    return summary, None
+    if not isinstance(value, dict) or not valid(value):
+        return None, problem
+    return value, None
+
+
+def read_summary(path):
+    return read_optional(path, lambda summary: summary.get("finished") is True,
+                         f"{SUMMARY} does not record a finished run")
 
 
 def read_status(path):
-    """(status.json or None, what is wrong with it or None); older run folders have none."""
-    if not os.path.exists(path):
-        return None, None
-    try:
-        status = read_json(path)
-    except RunFolderError as exc:
-        return None, str(exc)
-    if not isinstance(status, dict) or status.get("state") not in STATES:
-        return None, f"{STATUS} records no state ({', '.join(STATES)})"
-    return status, None
+    """status.json; older run folders have none."""
+    return read_optional(path, lambda status: status.get("state") in STATES,
+                         f"{STATUS} records no state ({', '.join(STATES)})")
 
 
 def newest_write(path):
