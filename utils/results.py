@@ -27,9 +27,8 @@ from types import SimpleNamespace
 from typing import Optional
 
 from utils.evaluation import PROTOCOLS, summarize
-from utils.folder import ARGS, CHECKPOINT, LOG, RUN_FILES, STATUS, SUMMARY
+from utils.folder import ARGS, LOG, RUN_FILES, STATUS, SUMMARY
 
-RUN_MARKERS = tuple(dict.fromkeys(RUN_FILES + (CHECKPOINT,)))  # any of them marks a folder as a run folder
 DEFAULT_ROOT = "runs"  # where utils.experiments puts the grid's run folders
 METHODS = ("SL", "PL", "MT", "MM", "L2I-O", "L2I-L")  # table order
 REQUIRED_ARGS = ("method", "dataset", "n_labeled", "manualSeed", "epochs", "val_iteration")
@@ -329,7 +328,8 @@ def load_run(path):
 # ----------------------------------------------------------------------------- which folders
 
 def is_run_folder(path):
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_MARKERS)
+    """A folder holding any of the files a run writes."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
 
 
 def run_folders_under(root):
